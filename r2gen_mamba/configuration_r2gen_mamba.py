@@ -248,14 +248,11 @@ _FLAT_FIELDS: dict[str, tuple[str, str]] = {
     "expand": ("encoder_config", "expand"),
 }
 
-# Flat names that change the shape of a sub-config and so must be known when it is built.
-_ENCODER_INIT_FLAT = {"encoder_type": "encoder_type", "encoder_layers": "num_hidden_layers", "d_state": "state_size",
-                      "d_conv": "conv_kernel", "expand": "expand"}
-_DECODER_INIT_FLAT = {"vocab_size": "vocab_size", "decoder_layers": "num_hidden_layers",
-                      "num_heads": "num_attention_heads", "d_ff": "intermediate_size", "dropout": "dropout",
-                      "use_relational_memory": "use_relational_memory", "rm_num_slots": "rm_num_slots",
-                      "rm_num_heads": "rm_num_heads", "use_mcln": "use_mcln",
-                      "max_position_embeddings": "max_position_embeddings"}
+# Flat names routed into each sub-config when it is built (`d_model` is handled apart: it sets both widths).
+_ENCODER_INIT_FLAT = {k: field for k, (sub, field) in _FLAT_FIELDS.items() if sub == "encoder_config"}
+_DECODER_INIT_FLAT = {
+    k: field for k, (sub, field) in _FLAT_FIELDS.items() if sub == "decoder_config" and k != "d_model"
+}
 
 
 class R2GenMambaConfig(PretrainedConfig):
