@@ -1,0 +1,44 @@
+"""Small configs and inputs shared by the tests (tiny sizes so everything runs in seconds on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import torch
+
+from r2gen_mamba import R2GenMambaConfig, resnet101_config
+
+
+def tiny_config(**overrides) -> R2GenMambaConfig:
+    """A tiny R2Gen-Mamba: 4-stage ResNet with one block each, d_model 32, 2 decoder layers, 30-entry vocabulary."""
+    vision = resnet101_config(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1])
+    kwargs = dict(
+        vision_config=vision,
+        vocab_size=30,
+        d_model=32,
+        num_heads=4,
+        d_ff=32,
+        decoder_layers=2,
+        rm_num_slots=3,
+        rm_num_heads=4,
+        d_state=4,
+        num_views=2,
+        image_size=64,
+    )
+    kwargs.update(overrides)
+    return R2GenMambaConfig(**kwargs)
+
+
+def tiny_pixel_values(config: R2GenMambaConfig, batch_size: int = 2, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    size = config.image_size
+    return torch.randn(batch_size, config.num_views, 3, size, size, generator=generator)
+
+
+def tiny_labels(config: R2GenMambaConfig, lengths=(7, 4), seed: int = 0) -> torch.Tensor:
+    """R2Gen-style targets: random real tokens (1..vocab-1), then the final 0, then -100 padding."""
+    generator = torch.Generator().manual_seed(seed)
+    width = max(lengths) + 1
+    labels = torch.full((len(lengths), width), -100, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        labels[row, :length] = torch.randint(1, config.vocab_size, (length,), generator=generator)
+        labels[row, length] = 0
+    return labels
