@@ -1,0 +1,313 @@
+"""The Mamba block of R2Gen-Mamba's encoder, with the parameter layout of `mamba_ssm.Mamba` (v1.x).
+
+R2Gen-Mamba encodes the visual patch tokens with ONE bare `mamba_ssm.Mamba(d_model=512, d_state=16, d_conv=4,
+expand=2)` block (no norm, no residual). This module computes the same function with the same parameter names and
+shapes, so official checkpoints load unchanged, and runs in two ways:
+
+- the fused `mamba_ssm` / `causal_conv1d` CUDA kernels, when they are installed, `use_kernels=True` and the tensors
+  are on CUDA (the optional `[cuda]` extra);
+- otherwise a pure-PyTorch path built on `selective_scan_chunked`, a chunked scan that computes the exact recurrence
+  with a few hundred vectorised steps instead of one Python step per token.
+
+`selective_scan_ref` is the plain per-token recurrence, kept as the reference the fast scan is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# The kernels are optional: a missing package, or a build that does not match the installed torch/CUDA, must not
+# break the import of the model; the PyTorch path is then used.
+try:
+    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
+except (ImportError, OSError, RuntimeError):
+    mamba_inner_fn, selective_scan_fn = None, None
+
+try:
+    from causal_conv1d import causal_conv1d_fn
+except (ImportError, OSError, RuntimeError):
+    causal_conv1d_fn = None
+
+is_fast_path_available = all(fn is not None for fn in (mamba_inner_fn, selective_scan_fn, causal_conv1d_fn))
+
+
+def _discretization_inputs(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    delta_bias: torch.Tensor | None,
+    delta_softplus: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Casts to fp32 (as the kernel computes; fp64 stays fp64) and applies `delta_bias` / softplus."""
+    dtype = torch.promote_types(u.dtype, torch.float32)
+    u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[..., None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return u, delta, A, B, C
+
+
+def _skip_and_gate(
+    y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """`y + D * u`, then `* silu(z)`, as the tail of `selective_scan_fn`. All `[batch, d_inner, seq_len]`."""
+    if D is not None:
+        y = y + u * D.to(y.dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(dtype)
+
+
+def selective_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+) -> torch.Tensor:
+    """The selective scan as the plain per-token recurrence (reference; slow).
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t,  y_t = <C_t, h_t> + D * u_t,  y_t *= silu(z_t).
+
+    Args:
+        u: `[batch, d_inner, seq_len]` input.
+        delta: `[batch, d_inner, seq_len]` time steps (before `delta_bias` / softplus).
+        A: `[d_inner, d_state]` (negative) state matrix, diagonal per channel.
+        B, C: `[batch, d_state, seq_len]` input-dependent input / output projections.
+        D: `[d_inner]` skip weight. z: `[batch, d_inner, seq_len]` gate.
+        delta_bias: `[d_inner]` added to `delta` before the optional softplus.
+
+    Returns:
+        `[batch, d_inner, seq_len]` in the dtype of `u`.
+    """
+    dtype = u.dtype
+    u, delta, A, B, C = _discretization_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
+    batch, d_inner, seq_len = u.shape
+    state = u.new_zeros(batch, d_inner, A.shape[1])  # [batch, d_inner, d_state]
+    outputs = []
+    for t in range(seq_len):
+        decay = torch.exp(delta[:, :, t, None] * A)  # [batch, d_inner, d_state]
+        state = decay * state + (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]
+        outputs.append(torch.einsum("bdn,bn->bd", state, C[:, :, t]))
+    y = torch.stack(outputs, dim=-1)  # [batch, d_inner, seq_len]
+    return _skip_and_gate(y, u, D, z, dtype)
+
+
+def selective_scan_chunked(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """The selective scan of `selective_scan_ref`, computed chunk-parallel in pure PyTorch (differentiable).
+
+    The sequence is cut into `num_chunks` chunks of `chunk_size` tokens (default about sqrt(seq_len)), and the
+    recurrence runs over the positions of all chunks at once:
+
+    1. each chunk's end state, as if it started from zero (`chunk_size` vectorised steps over all chunks);
+    2. the true start state of every chunk, carried across chunks with the chunk's total decay
+       `exp(A * sum(delta))` (`num_chunks` small steps);
+    3. the recurrence again inside all chunks in parallel, now from the true start states, reading out `y`.
+
+    So a sequence of L tokens takes about 3*sqrt(L) Python steps instead of L. Every decay is `exp(A * delta)` or
+    `exp(A * sum(delta))` with `A < 0` and `delta >= 0`: a factor in (0, 1], never the exponential of a large
+    positive number, so no chunk length can overflow. Arguments, shapes and result as `selective_scan_ref`.
+    """
+    dtype = u.dtype
+    u, delta, A, B, C = _discretization_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
+    batch, d_inner, seq_len = u.shape
+    d_state = A.shape[1]
+    if chunk_size is None:
+        chunk_size = max(1, math.ceil(math.sqrt(seq_len)))
+    num_chunks = math.ceil(seq_len / chunk_size)
+    pad = num_chunks * chunk_size - seq_len
+
+    def to_steps(x: torch.Tensor) -> torch.Tensor:
+        # [batch, channels, seq_len] -> [chunk_size, batch, num_chunks, channels]: step t of every chunk is one
+        # contiguous slice. Zero padding at the end is harmless: delta = 0 keeps the state, u = 0 adds nothing.
+        x = F.pad(x, (0, pad)).reshape(x.shape[0], x.shape[1], num_chunks, chunk_size)
+        return x.permute(3, 0, 2, 1).contiguous()
+
+    delta_steps = to_steps(delta)  # [chunk_size, batch, num_chunks, d_inner]
+    delta_u_steps = to_steps(delta * u)  # [chunk_size, batch, num_chunks, d_inner]
+    B_steps = to_steps(B)  # [chunk_size, batch, num_chunks, d_state]
+    C_steps = to_steps(C)  # [chunk_size, batch, num_chunks, d_state]
+
+    def step(state: torch.Tensor, t: int) -> torch.Tensor:
+        decay = torch.exp(delta_steps[t, ..., None] * A)  # [batch, num_chunks, d_inner, d_state]
+        return decay * state + delta_u_steps[t, ..., None] * B_steps[t, :, :, None, :]
+
+    # 1. End state of each chunk from a zero start.
+    state = u.new_zeros(batch, num_chunks, d_inner, d_state)
+    for t in range(chunk_size):
+        state = step(state, t)
+    local_end = state  # [batch, num_chunks, d_inner, d_state]
+
+    # 2. True start state of each chunk: start_{c+1} = exp(A * sum_c(delta)) * start_c + local_end_c.
+    chunk_decay = torch.exp(delta_steps.sum(0)[..., None] * A)  # [batch, num_chunks, d_inner, d_state]
+    starts = [u.new_zeros(batch, d_inner, d_state)]
+    for c in range(num_chunks - 1):
+        starts.append(chunk_decay[:, c] * starts[-1] + local_end[:, c])
+    state = torch.stack(starts, dim=1)  # [batch, num_chunks, d_inner, d_state]
+
+    # 3. The exact recurrence inside every chunk from its true start, reading out y_t = <C_t, h_t>.
+    outputs = []
+    for t in range(chunk_size):
+        state = step(state, t)
+        outputs.append(torch.einsum("bcdn,bcn->bcd", state, C_steps[t]))
+    y = torch.stack(outputs, dim=-1)  # [batch, num_chunks, d_inner, chunk_size]
+    y = y.permute(0, 2, 1, 3).reshape(batch, d_inner, num_chunks * chunk_size)[:, :, :seq_len]
+    return _skip_and_gate(y, u, D, z, dtype)
+
+
+class R2GenMambaBlock(nn.Module):
+    """One Mamba block (selective SSM), parameter-compatible with `mamba_ssm.Mamba` v1.x.
+
+    Parameters (names and shapes as `mamba_ssm.Mamba`; `d_inner = expand * d_model`,
+    `dt_rank = ceil(d_model / 16)` for "auto"): `in_proj` [2*d_inner, d_model], `conv1d` depthwise
+    [d_inner, 1, d_conv] (+ bias), `x_proj` [dt_rank + 2*d_state, d_inner], `dt_proj` [d_inner, dt_rank] + bias,
+    `A_log` [d_inner, d_state], `D` [d_inner], `out_proj` [d_model, d_inner]. The paper's block (d_model 512) has
+    1,694,720 parameters.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        dt_rank: int | str = "auto",
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init: str = "random",
+        dt_scale: float = 1.0,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        use_kernels: bool = True,
+    ) -> None:
+        super().__init__()
+        if dt_init not in ("random", "constant"):
+            raise ValueError(f"dt_init must be 'random' or 'constant', got {dt_init!r}")
+        if not 0 < dt_min <= dt_max:
+            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
+        self.d_model = d_model
+        self.d_state = d_state
+        self.d_conv = d_conv
+        self.expand = expand
+        self.d_inner = int(expand * d_model)
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        self.dt_min, self.dt_max, self.dt_init = dt_min, dt_max, dt_init
+        self.dt_scale, self.dt_init_floor = dt_scale, dt_init_floor
+        self.use_kernels = use_kernels
+
+        self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
+        # Depthwise and causal: padded by d_conv - 1 on both sides, the output is cut back to seq_len.
+        self.conv1d = nn.Conv1d(
+            self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner, padding=d_conv - 1, bias=conv_bias
+        )
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(self.d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+        # As in mamba_ssm: optimizers should not decay these (the training recipe reads this flag).
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """`mamba_ssm.Mamba`'s initialisation of the SSM parameters (the linears keep PyTorch's default init).
+
+        A_log = log(1..d_state) per channel (S4D-real), D = 1, dt_proj.weight ~ U(+-dt_rank**-0.5 * dt_scale)
+        (or that constant), and dt_proj.bias = softplus^-1(dt) with dt log-uniform in [dt_min, dt_max], floored.
+        """
+        self.A_log.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(self.d_inner, -1))
+        self.D.fill_(1.0)
+        dt_init_std = self.dt_rank**-0.5 * self.dt_scale
+        if self.dt_init == "constant":
+            nn.init.constant_(self.dt_proj.weight, dt_init_std)
+        else:
+            nn.init.uniform_(self.dt_proj.weight, -dt_init_std, dt_init_std)
+        log_dt = torch.rand(self.d_inner) * (math.log(self.dt_max) - math.log(self.dt_min)) + math.log(self.dt_min)
+        dt = torch.exp(log_dt).clamp(min=self.dt_init_floor)
+        # softplus^-1(dt) = dt + log(1 - exp(-dt)), written with expm1 to stay accurate for small dt.
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def _use_kernel_path(self, hidden_states: torch.Tensor) -> bool:
+        on_cuda = hidden_states.is_cuda and self.in_proj.weight.is_cuda
+        if self.use_kernels and on_cuda and is_fast_path_available:
+            logger.info_once("R2GenMambaBlock: using the mamba_ssm / causal_conv1d CUDA kernels")
+            return True
+        if self.use_kernels and on_cuda:
+            logger.warning_once(
+                "R2GenMambaBlock: the mamba_ssm / causal_conv1d CUDA kernels are not installed; using the "
+                "pure-PyTorch selective scan (same result, slower). Install them with `pip install r2gen-mamba[cuda]`."
+            )
+        else:
+            logger.info_once("R2GenMambaBlock: using the pure-PyTorch chunked selective scan")
+        return False
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Args: hidden_states `[batch, seq_len, d_model]`. Returns `[batch, seq_len, d_model]`."""
+        seq_len = hidden_states.shape[1]
+        A = -torch.exp(self.A_log.float())  # [d_inner, d_state]
+        xz = self.in_proj(hidden_states).transpose(1, 2)  # [batch, 2*d_inner, seq_len]
+
+        if self._use_kernel_path(hidden_states):
+            # One fused kernel for conv -> x_proj -> dt_proj -> scan -> gate -> out_proj, as mamba_ssm.Mamba does.
+            return mamba_inner_fn(
+                xz,
+                self.conv1d.weight,
+                self.conv1d.bias,
+                self.x_proj.weight,
+                self.dt_proj.weight,
+                self.out_proj.weight,
+                self.out_proj.bias,
+                A,
+                None,  # B and C are input-dependent: computed inside from x_proj
+                None,
+                self.D.float(),
+                delta_bias=self.dt_proj.bias.float(),
+                delta_softplus=True,
+            )
+
+        x, z = xz.chunk(2, dim=1)  # each [batch, d_inner, seq_len]
+        x = F.silu(self.conv1d(x)[..., :seq_len])  # causal: keep the first seq_len outputs
+        x_dbl = self.x_proj(x.transpose(1, 2))  # [batch, seq_len, dt_rank + 2*d_state]
+        dt, B, C = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        # dt_proj without its bias: the bias is added inside the softplus, as the kernel's delta_bias.
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # [batch, d_inner, seq_len]
+        y = selective_scan_chunked(
+            x,
+            dt,
+            A,
+            B.transpose(1, 2),  # [batch, d_state, seq_len]
+            C.transpose(1, 2),
+            D=self.D.float(),
+            z=z,
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+        )  # [batch, d_inner, seq_len]
+        return self.out_proj(y.transpose(1, 2))
