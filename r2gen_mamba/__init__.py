@@ -13,5 +13,6 @@ from .configuration_r2gen_mamba import (
 # -- modeling imports (core model) --
 # -- processing imports (processing) --
 # -- metrics imports (evaluation) --
+from .metrics import compute_nlg_metrics, load_metric
 
 __version__ = "0.1.0"
