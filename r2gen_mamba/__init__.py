@@ -12,6 +12,19 @@ from .configuration_r2gen_mamba import (
 
 # -- modeling imports (core model) --
 # -- processing imports (processing) --
+# isort: split
+from . import _processing_auto  # registers the tokenizer, image processor and processor with the Auto classes
+from .processing_r2gen_mamba import (
+    R2GenMambaImageProcessor,
+    R2GenMambaImageTransform,
+    R2GenMambaProcessor,
+    R2GenMambaTokenizer,
+    build_vocabulary,
+    clean_report,
+    load_image,
+)
+
+# isort: split
 # -- metrics imports (evaluation) --
 from .metrics import compute_nlg_metrics, load_metric
 
