@@ -9,7 +9,7 @@ Every dataset this module returns has one row per study with the columns
 
 plus every extra field of the source records (e.g. the synthetic generator's `findings`). Images are decoded lazily:
 either by `R2GenMambaDataCollator` (give it raw rows; use `remove_unused_columns=False` with the Trainer) or by the
-transform that `set_transforms` installs with `Dataset.with_transform`.
+transform that `set_transforms` installs with `Dataset.with_transform` (rows then carry `pixel_values`).
 """
 
 from __future__ import annotations
@@ -19,12 +19,16 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 from PIL import Image
 from transformers.utils import logging
+
+from .processing_r2gen_mamba import R2GenMambaImageTransform, R2GenMambaProcessor
 
 logger = logging.get_logger(__name__)
 
@@ -477,3 +481,109 @@ def check_images(
         for split, ds in splits.items()
     }
     return kept["data"] if single else datasets.DatasetDict(kept)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lazy decoding and batching
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _open_view(view: Any) -> Any:
+    """An `Image(decode=False)` dict becomes a PIL image; paths, PIL images and arrays pass through."""
+    if isinstance(view, Mapping):
+        if view.get("bytes") is not None:
+            return Image.open(io.BytesIO(view["bytes"]))
+        if view.get("path"):
+            return view["path"]
+        raise ValueError("an image entry has neither bytes nor a path")
+    return view
+
+
+def study_images(record: Mapping[str, Any]) -> list[Any]:
+    """The views of one row (`image_paths` or `images` column) as paths or PIL images, in view order."""
+    if "image_paths" in record and record["image_paths"] is not None:
+        return list(record["image_paths"])
+    if "images" in record and record["images"] is not None:
+        return [_open_view(view) for view in record["images"]]
+    raise KeyError(f"record {record.get('id')!r} has neither 'image_paths' nor 'images' (keys: {sorted(record)})")
+
+
+class StudyTransform:
+    """`with_transform` function: adds `pixel_values` (float tensor [views, 3, H, W]) to each row, lazily.
+
+    Wraps the processor's `R2GenMambaImageTransform` (train augmentation when `train`, else the eval resize) and
+    also accepts `Image` feature rows. Other columns pass through unchanged.
+    """
+
+    def __init__(self, processor: R2GenMambaProcessor, train: bool = False, generator: torch.Generator | None = None):
+        self.image_transform = R2GenMambaImageTransform(
+            processor.image_processor, train=train, image_column="_views", generator=generator
+        )
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        rows = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        views = {"_views": [study_images(row) for row in rows]}
+        output = dict(batch)
+        output["pixel_values"] = self.image_transform(views)["pixel_values"]
+        return output
+
+
+def set_transforms(
+    dataset: datasets.DatasetDict,
+    processor: R2GenMambaProcessor,
+    train_splits: Sequence[str] = ("train",),
+    generator: torch.Generator | None = None,
+) -> datasets.DatasetDict:
+    """Return `dataset` with lazy image decoding: train augmentation on `train_splits`, the eval transform elsewhere.
+
+    Rows then carry `pixel_values` [views, 3, H, W]; `R2GenMambaDataCollator` stacks them instead of loading images.
+    """
+    return datasets.DatasetDict(
+        {
+            name: split.with_transform(StudyTransform(processor, train=name in train_splits, generator=generator))
+            for name, split in dataset.items()
+        }
+    )
+
+
+@dataclass
+class R2GenMambaDataCollator:
+    """Batch raw rows into the model's inputs (usable as `data_collator` of the `transformers` Trainer).
+
+    Takes rows with `report` and either `pixel_values` (from `set_transforms`) or the views (`image_paths` /
+    `images`), which it loads and transforms itself (train augmentation when `train`). Use
+    `remove_unused_columns=False` in the training arguments so the Trainer hands these columns over.
+
+    Returns:
+        `pixel_values` [batch, views, 3, H, W] float32, `labels` [batch, T] (-100 padded), `decoder_input_ids`
+        [batch, T] (0 padded), `decoder_attention_mask` [batch, T].
+
+    Args:
+        processor: the `R2GenMambaProcessor` (tokenizer + image processor; its `num_views` is enforced).
+        train: random crop/flip augmentation (draws from `generator`, else the global torch generator).
+        max_length: report encoding length (default: the tokenizer's `model_max_length`).
+    """
+
+    processor: R2GenMambaProcessor
+    train: bool = False
+    max_length: int | None = None
+    generator: torch.Generator | None = None
+
+    def __call__(self, records: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not records:
+            raise ValueError("R2GenMambaDataCollator: empty batch")
+        reports = [record["report"] for record in records]
+        if all("pixel_values" in record for record in records):
+            batch = self.processor(text=reports, max_length=self.max_length, return_tensors="pt")
+            batch["pixel_values"] = torch.stack([torch.as_tensor(record["pixel_values"]) for record in records])
+            return dict(batch)
+        studies = [study_images(record) for record in records]
+        batch = self.processor(
+            images=studies,
+            text=reports,
+            max_length=self.max_length,
+            augment=self.train,
+            generator=self.generator,
+            return_tensors="pt",
+        )
+        return dict(batch)
