@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -230,18 +231,7 @@ def load_official_checkpoint(path: str, unsafe_load: bool = False) -> dict[str, 
         logger.warning("Loading %s with weights_only=False: this unpickles arbitrary objects.", path)
         blob = torch.load(path, map_location="cpu", weights_only=False)
     else:
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises pickle.UnpicklingError (or RuntimeError in some versions)
-            unsafe = _unsafe_globals(path)
-            numpy_only = unsafe and all(_NUMPY_DATA_GLOBALS.match(name) for name in unsafe)
-            if not numpy_only:
-                raise ConversionError(
-                    f"{path} cannot be loaded with torch.load(weights_only=True): it holds objects other than "
-                    f"tensors and plain containers ({', '.join(unsafe) or error}). If you trust this file, pass "
-                    "--unsafe-load (weights_only=False, which runs the pickled code)."
-                ) from error
-            blob = _load_with_numpy_scalars(path, unsafe)
+        blob = _load_weights_only(path)
 
     if isinstance(blob, Mapping) and "state_dict" in blob:
         state_dict = blob["state_dict"]
@@ -261,22 +251,29 @@ def load_official_checkpoint(path: str, unsafe_load: bool = False) -> dict[str, 
     return dict(state_dict)
 
 
-def _unsafe_globals(path: str) -> list[str]:
-    try:
-        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # an old-format or corrupt file: the caller reports the original error
-        return []
-
-
-def _load_with_numpy_scalars(path: str, names: list[str]) -> object:
+def _load_weights_only(path: str) -> object:
+    """`torch.load(weights_only=True)`, additionally allowing numpy scalars/dtypes (data, no code) one by one."""
     import importlib
 
-    allowed = []
-    for name in names:
-        module_name, _, attr = name.rpartition(".")
-        allowed.append(getattr(importlib.import_module(module_name), attr))
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    allowed: dict[str, object] = {}
+    while True:
+        try:
+            with torch.serialization.safe_globals(list(allowed.values())):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            # torch names the refused global either as "GLOBAL a.b.c" or as "<class 'a.b.c'>".
+            names = re.findall(r"GLOBAL ([\w.]+)|<class '([\w.]+)'>", str(error))
+            names = [a or b for a, b in names]
+            refused = [n for n in names if n not in allowed]
+            if not refused or not all(_NUMPY_DATA_GLOBALS.match(name) for name in refused):
+                raise ConversionError(
+                    f"{path} cannot be loaded with torch.load(weights_only=True): it holds objects other than "
+                    f"tensors and plain containers ({', '.join(refused) or 'see the error above'}). If you trust this "
+                    "file, pass --unsafe-load (weights_only=False, which runs the pickled code)."
+                ) from error
+            for name in refused:
+                module_name, _, attr = name.rpartition(".")
+                allowed[name] = getattr(importlib.import_module(module_name), attr)
 
 
 # --------------------------------------------------------------------------------------------------------------

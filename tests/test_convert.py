@@ -165,7 +165,8 @@ def convert_config(**overrides):
 
 
 def write_annotation(path, num_words: int) -> str:
-    """An annotation whose train split gives `num_words` words with count >= 3 (plus `<unk>`)."""
+    """An annotation whose train split gives `num_words` words with count >= 3, plus "." and `<unk>`: a tokenizer of
+    `num_words + 3` ids (with id 0)."""
     train = [{"id": f"s{i}", "report": " ".join(WORDS[:num_words]) + ".", "split": "train"} for i in range(3)]
     train.append({"id": "rare", "report": "onlyonce twice twice.", "split": "train"})
     with open(path, "w") as f:
@@ -269,7 +270,7 @@ def test_cli_round_trip(tmp_path, source):
 
     model, official = source
     checkpoint = save_official(tmp_path / "model_best.pth", official)
-    annotation = write_annotation(tmp_path / "annotation.json", model.config.vocab_size - 2)
+    annotation = write_annotation(tmp_path / "annotation.json", model.config.vocab_size - 3)
     output = tmp_path / "converted"
     assert cli_main(cli_args(checkpoint, annotation, output)) == 0
 
@@ -345,7 +346,7 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path, source):
 
 def test_vocabulary_size_mismatch_is_explained(tmp_path, source):
     model, official = source
-    with pytest.raises(ConversionError, match=r"gives 27 tokens .* but the checkpoint has 30"):
+    with pytest.raises(ConversionError, match=r"gives 29 tokens .* but the checkpoint has 30"):
         _convert(tmp_path, official, annotation_words=model.config.vocab_size - 4)
     assert not os.path.exists(tmp_path / "out")
 
@@ -374,7 +375,7 @@ def test_pickled_objects_need_unsafe_load(tmp_path, source):
 def test_cli_reports_errors_and_refuses_to_overwrite(tmp_path, source, capsys):
     model, official = source
     checkpoint = save_official(tmp_path / "model_best.pth", official)
-    annotation = write_annotation(tmp_path / "annotation.json", model.config.vocab_size - 2)
+    annotation = write_annotation(tmp_path / "annotation.json", model.config.vocab_size - 3)
     output = tmp_path / "converted"
     output.mkdir()
     (output / "keep.txt").write_text("x")
