@@ -243,11 +243,6 @@ def draw_frontal(
         image[right_lung & (np.abs(xx - edge) < 0.008) & (yy > 0.2) & (yy < 0.72)] = 150.0
         image[right_lung & (xx >= edge + 0.008)] += 12.0
 
-    cardiomegaly = "cardiomegaly" in findings
-    heart_width = (0.24 if cardiomegaly else 0.14) * s
-    heart_cx = cx + (0.07 if cardiomegaly else 0.04)
-    image[_ellipse(xx, yy, heart_cx, 0.66, heart_width, 0.14)] = HEART
-
     for label, lung, lung_cx, sign in (
         ("right_effusion", right_lung, cx - 0.2 * s, -1.0),
         ("left_effusion", left_lung, cx + 0.2 * s, 1.0),
@@ -256,6 +251,12 @@ def draw_frontal(
             # Meniscus: the fluid level climbs towards the chest wall, blunting the costophrenic angle.
             level = 0.6 - 0.1 * np.clip(sign * (xx - lung_cx) / 0.14, -1, 1) - rng.uniform(0.0, 0.03)
             image[lung & (yy > level)] = FLUID
+
+    # The heart is drawn over the fluid so that its border (and size) stays visible with a left effusion.
+    cardiomegaly = "cardiomegaly" in findings
+    heart_width = (0.24 if cardiomegaly else 0.14) * s
+    heart_cx = cx + (0.07 if cardiomegaly else 0.04)
+    image[_ellipse(xx, yy, heart_cx, 0.66, heart_width, 0.14)] = HEART
 
     if "nodule" in findings:
         lung_cx = cx + (-0.2 if rng.random() < 0.5 else 0.2) * s
