@@ -11,6 +11,15 @@ from .configuration_r2gen_mamba import (
 )
 
 # -- modeling imports (core model) --
+# isort: split
+from . import _modeling_auto  # registers the config and model classes with the Auto classes
+from .modeling_r2gen_mamba import (
+    R2GenMambaCache,
+    R2GenMambaForConditionalGeneration,
+    R2GenMambaModel,
+    R2GenMambaPreTrainedModel,
+)
+
 # -- processing imports (processing) --
 # isort: split
 from . import _processing_auto  # registers the tokenizer, image processor and processor with the Auto classes

@@ -1,0 +1,924 @@
+"""R2Gen-Mamba: ResNet-101 patch tokens -> Mamba encoder -> R2Gen's memory-driven Transformer decoder.
+
+Read top to bottom: the R2Gen building blocks (LayerNorm quirk, attention, feed-forward), the relational memory and
+the memory-driven conditional layer norm (MCLN), the two encoders, the decoder with its incremental-decoding cache,
+then the `PreTrainedModel` classes. The math follows the official R2Gen / R2Gen-Mamba code exactly (see
+`docs/architecture.md` of the project); the parameter names are ours (the converter maps the official ones).
+
+Speed (generation and training): everything in the relational memory that does not depend on the memory is computed
+for all tokens at once, so only the memory path runs in the per-token loop; the 6 * num_layers MCLN MLPs, which all
+read the same memory, run as one matmul (first layers) and one batched matmul (second layers); generation decodes
+incrementally with a cache of self-attention keys/values, cross-attention keys/values and the memory state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel, ResNetModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
+from transformers.utils import logging
+
+from .configuration_r2gen_mamba import R2GenMambaConfig, R2GenMambaDecoderConfig, R2GenMambaEncoderConfig
+from .mamba_block import R2GenMambaBlock
+
+logger = logging.get_logger(__name__)
+
+# R2Gen's LayerNorm eps (added to the std, see `R2GenLayerNorm`); the Transformer encoder has no config field for it.
+R2GEN_LAYER_NORM_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# R2Gen building blocks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def r2gen_normalize(hidden_states: torch.Tensor, eps: float) -> torch.Tensor:
+    """R2Gen's normalisation: `(x - mean) / (std + eps)` with the *unbiased* std and eps added to the std (not to the
+    variance). Parity with the official checkpoints needs this exact form."""
+    mean = hidden_states.mean(-1, keepdim=True)
+    std = hidden_states.std(-1, keepdim=True)
+    return (hidden_states - mean) / (std + eps)
+
+
+class R2GenLayerNorm(nn.Module):
+    """R2Gen's LayerNorm (parameters `gamma`, `beta`), see `r2gen_normalize`."""
+
+    def __init__(self, hidden_size: int, eps: float = R2GEN_LAYER_NORM_EPS) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(hidden_size))
+        self.beta = nn.Parameter(torch.zeros(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.gamma * r2gen_normalize(hidden_states, self.eps) + self.beta
+
+
+class R2GenAttention(nn.Module):
+    """Multi-head attention with biased q/k/v/o projections (R2Gen's `MultiHeadedAttention`)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(hidden_size, hidden_size)
+        self.v_proj = nn.Linear(hidden_size, hidden_size)
+        self.o_proj = nn.Linear(hidden_size, hidden_size)
+
+    def split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        """`[batch, seq, hidden]` -> `[batch, heads, seq, head_dim]`."""
+        batch, seq_len, _ = states.shape
+        return states.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def attend(
+        self,
+        query_states: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of `query_states` `[batch, q_len, hidden]` over projected `key`/`value` `[batch, heads, k_len,
+        head_dim]`; `attention_mask` is additive, broadcastable to `[batch, heads, q_len, k_len]`. Returns
+        `[batch, q_len, hidden]` after `o_proj`."""
+        query = self.split_heads(self.q_proj(query_states))
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
+        batch, _, q_len, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, -1))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention: `[batch, seq, hidden]` -> `[batch, seq, hidden]`."""
+        key = self.split_heads(self.k_proj(hidden_states))
+        value = self.split_heads(self.v_proj(hidden_states))
+        return self.attend(hidden_states, key, value, attention_mask)
+
+
+class R2GenFeedForward(nn.Module):
+    """`fc2(dropout(relu(fc1(x))))` (R2Gen's `PositionwiseFeedForward`)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(F.relu(self.fc1(hidden_states))))
+
+
+def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """R2Gen's sinusoidal position encodings for integer `positions` `[seq]` -> `[seq, dim]` (float32, computed
+    with the official table's operations, so the values are bit-identical to its `pe` buffer)."""
+    div_term = torch.exp(
+        torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) * -(math.log(10000.0) / dim)
+    )
+    angles = positions.float().unsqueeze(1) * div_term  # [seq, dim / 2]
+    table = torch.zeros(positions.shape[0], dim, device=positions.device)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Relational memory and memory-driven conditional layer norm (R2Gen, sections 3.2-3.3 of its paper)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class R2GenMemoryMLP(nn.Module):
+    """`relu(fc2(relu(fc1(x))))`: the relational memory's MLP (ReLU after both layers, as R2Gen)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, hidden_size)
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.fc2(F.relu(self.fc1(hidden_states))))
+
+
+class R2GenRelationalMemory(nn.Module):
+    """R2Gen's relational memory: `num_slots` rows of `hidden_size`, updated once per target token.
+
+    For token embedding x_t and memory M (q = M, k = v = [M; x_t]): M' = M + MHA(q, k, v); M' = M' + MLP(M');
+    gates = W(x_t) + U(tanh(M)) -> input gate i, forget gate f (sigmoid); M_t = i * tanh(M') + f * M.
+    The memory after token t conditions position t.
+    """
+
+    def __init__(self, config: R2GenMambaDecoderConfig) -> None:
+        super().__init__()
+        self.num_slots = config.rm_num_slots
+        self.hidden_size = config.hidden_size
+        self.attn = R2GenAttention(config.hidden_size, config.rm_num_heads, config.dropout)
+        self.mlp = R2GenMemoryMLP(config.hidden_size)
+        self.W = nn.Linear(config.hidden_size, 2 * config.hidden_size)
+        self.U = nn.Linear(config.hidden_size, 2 * config.hidden_size)
+
+    def initial_memory(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Identity rows (slot i has a 1 at dim i), zero-padded (or cut) to `hidden_size`: `[batch, slots, hidden]`."""
+        memory = torch.eye(self.num_slots, max(self.num_slots, self.hidden_size), device=device, dtype=dtype)
+        return memory[:, : self.hidden_size].expand(batch_size, -1, -1).contiguous()
+
+    def forward(self, inputs: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """Run the memory over `inputs` `[batch, seq, hidden]` from `memory` `[batch, slots, hidden]`.
+
+        Returns the memory after each token, `[batch, seq, slots, hidden]`.
+        """
+        batch, seq_len, hidden = inputs.shape
+        attn, slots, heads, head_dim = self.attn, self.num_slots, self.attn.num_heads, self.attn.head_dim
+        # Everything that depends only on the tokens is computed for all of them at once; the loop keeps the memory
+        # path only. k/v of [M; x_t] = [k(M); k(x_t)], so the token rows are projected here.
+        input_gates = self.W(inputs).unsqueeze(2)  # [batch, seq, 1, 2*hidden]
+        token_keys = attn.k_proj(inputs).view(batch, seq_len, heads, 1, head_dim)  # [batch, seq, heads, 1, head_dim]
+        token_values = attn.v_proj(inputs).view(batch, seq_len, heads, 1, head_dim)
+        qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # [3*hidden, hidden]
+        qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        dropout = attn.dropout if self.training else 0.0
+
+        memories = []
+        for t in range(seq_len):
+            qkv = F.linear(memory, qkv_weight, qkv_bias).view(batch, slots, 3, heads, head_dim)
+            query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each [batch, heads, slots, head_dim]
+            key = torch.cat([key, token_keys[:, t]], dim=2)  # [batch, heads, slots + 1, head_dim]
+            value = torch.cat([value, token_values[:, t]], dim=2)
+            attended = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout)
+            attended = attn.o_proj(attended.transpose(1, 2).reshape(batch, slots, hidden))
+            next_memory = memory + attended
+            next_memory = next_memory + self.mlp(next_memory)
+            input_gate, forget_gate = (input_gates[:, t] + self.U(torch.tanh(memory))).chunk(2, dim=-1)
+            memory = torch.sigmoid(input_gate) * torch.tanh(next_memory) + torch.sigmoid(forget_gate) * memory
+            memories.append(memory)
+        return torch.stack(memories, dim=1)
+
+
+class R2GenConditionMLP(nn.Module):
+    """`fc2(relu(fc1(memory)))`: maps the flattened memory (slots * hidden) to a gamma or beta offset."""
+
+    def __init__(self, memory_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(memory_size, hidden_size)
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+        self.fc1._r2gen_init = self.fc2._r2gen_init = "condition"  # xavier weights, bias 0.1 (R2Gen)
+
+    def forward(self, memory: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(memory)))
+
+
+class R2GenConditionalLayerNorm(nn.Module):
+    """Memory-driven conditional layer norm (MCLN): `(gamma + MLP_g(m_t)) * normalize(x) + beta + MLP_b(m_t)`.
+
+    The decoder normally passes precomputed offsets (`deltas`, see `R2GenMambaDecoder.condition_offsets`), computed
+    for all MCLNs with one matmul; given the flattened `memory` instead, the module computes its own.
+    """
+
+    def __init__(self, hidden_size: int, memory_size: int, eps: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(hidden_size))
+        self.beta = nn.Parameter(torch.zeros(hidden_size))
+        self.mlp_gamma = R2GenConditionMLP(memory_size, hidden_size)
+        self.mlp_beta = R2GenConditionMLP(memory_size, hidden_size)
+        self.eps = eps
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        memory: torch.Tensor | None = None,
+        deltas: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Args: hidden_states `[batch, seq, hidden]`; memory `[batch, seq, slots*hidden]` or deltas (gamma and beta
+        offsets, each `[batch, seq, hidden]`)."""
+        if deltas is None:
+            deltas = (self.mlp_gamma(memory), self.mlp_beta(memory))
+        delta_gamma, delta_beta = deltas
+        return (self.gamma + delta_gamma) * r2gen_normalize(hidden_states, self.eps) + (self.beta + delta_beta)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Encoders: the published Mamba block (or a residual stack of them) and R2Gen's Transformer encoder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class R2GenMambaEncoderLayer(nn.Module):
+    """`mixer` (an `R2GenMambaBlock`), pre-normed with a residual when the encoder stacks several layers."""
+
+    def __init__(self, config: R2GenMambaEncoderConfig, residual: bool) -> None:
+        super().__init__()
+        self.residual = residual
+        if residual:
+            self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mixer = R2GenMambaBlock(
+            config.hidden_size,
+            d_state=config.state_size,
+            d_conv=config.conv_kernel,
+            expand=config.expand,
+            dt_rank=config.time_step_rank,
+            dt_min=config.time_step_min,
+            dt_max=config.time_step_max,
+            dt_init=config.time_step_init_scheme,
+            dt_scale=config.time_step_scale,
+            dt_init_floor=config.time_step_floor,
+            conv_bias=config.use_conv_bias,
+            bias=config.use_bias,
+            use_kernels=config.use_mamba_kernels,
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.residual:
+            return self.mixer(hidden_states)
+        return hidden_states + self.mixer(self.norm(hidden_states))
+
+
+class R2GenMambaEncoder(nn.Module):
+    """The Mamba encoder. One layer = the official bare `mamba_ssm.Mamba` block (no norm, no residual, no mask); more
+    layers = a pre-norm residual stack with a final `norm_f`. `[batch, tokens, hidden]` -> same shape."""
+
+    def __init__(self, config: R2GenMambaEncoderConfig) -> None:
+        super().__init__()
+        stacked = config.num_hidden_layers > 1
+        self.layers = nn.ModuleList(
+            [R2GenMambaEncoderLayer(config, residual=stacked) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon) if stacked else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        if self.norm_f is not None:
+            hidden_states = self.norm_f(hidden_states)
+        return hidden_states
+
+
+class R2GenTransformerEncoderLayer(nn.Module):
+    """R2Gen's encoder layer: `x + dropout(self_attn(norm(x)))`, then `x + dropout(ffn(norm(x)))`."""
+
+    def __init__(self, config: R2GenMambaEncoderConfig) -> None:
+        super().__init__()
+        self.self_attn = R2GenAttention(config.hidden_size, config.num_attention_heads, config.dropout)
+        self.feed_forward = R2GenFeedForward(config.hidden_size, config.intermediate_size, config.dropout)
+        self.self_attn_norm = R2GenLayerNorm(config.hidden_size)
+        self.ffn_norm = R2GenLayerNorm(config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.dropout(self.self_attn(self.self_attn_norm(hidden_states)))
+        return hidden_states + self.dropout(self.feed_forward(self.ffn_norm(hidden_states)))
+
+
+class R2GenTransformerEncoder(nn.Module):
+    """R2Gen's Transformer encoder (the paper's baseline): pre-norm layers, no mask, final norm.
+    `[batch, tokens, hidden]` -> same shape."""
+
+    def __init__(self, config: R2GenMambaEncoderConfig) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([R2GenTransformerEncoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = R2GenLayerNorm(config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        return self.norm(hidden_states)
+
+
+class R2GenMambaPatchEmbedding(nn.Module):
+    """R2Gen's `att_embed`: Linear(visual features -> d_model), ReLU, Dropout."""
+
+    def __init__(self, in_features: int, hidden_size: int, dropout: float) -> None:
+        super().__init__()
+        self.proj = nn.Linear(in_features, hidden_size)
+        self.proj._r2gen_init = "default"  # the official att_embed is outside the xavier loop
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.dropout(F.relu(self.proj(features)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoder and its cache
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class R2GenMambaCache:
+    """Incremental-decoding state of the decoder, per sequence of the batch (reordered with beams).
+
+    Holds, per decoder layer, the self-attention keys/values of the tokens seen so far and the cross-attention
+    keys/values of the encoder output (computed once), plus the relational memory after the last token and the
+    key-padding mask of the tokens seen so far. Under `torch.no_grad` it also keeps the MCLN weights concatenated for
+    the batched matmuls, so a generation step does not rebuild them.
+    """
+
+    is_compileable = False
+
+    def __init__(self, num_layers: int) -> None:
+        self.self_keys: list[torch.Tensor | None] = [None] * num_layers  # [batch, heads, seen, head_dim]
+        self.self_values: list[torch.Tensor | None] = [None] * num_layers
+        self.cross_keys: list[torch.Tensor | None] = [None] * num_layers  # [batch, heads, tokens, head_dim]
+        self.cross_values: list[torch.Tensor | None] = [None] * num_layers
+        self.memory: torch.Tensor | None = None  # [batch, slots, hidden]
+        self.key_mask: torch.Tensor | None = None  # [batch, seen] bool
+        self.condition_weights: tuple[torch.Tensor, ...] | None = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Number of decoder tokens already processed."""
+        keys = self.self_keys[layer_idx]
+        return 0 if keys is None else keys.shape[2]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Select the batch rows `beam_idx` (beam search). Cross-attention keys/values are left alone: beams of one
+        study share the encoder output and `beam_idx` never crosses studies."""
+
+        def select(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.index_select(0, beam_idx.to(tensor.device))
+
+        self.self_keys = [select(keys) for keys in self.self_keys]
+        self.self_values = [select(values) for values in self.self_values]
+        self.memory = select(self.memory)
+        self.key_mask = select(self.key_mask)
+
+
+class R2GenMambaDecoderLayer(nn.Module):
+    """Masked self-attention, cross-attention over the encoder output and FFN, each `x + dropout(f(norm(x, m_t)))`
+    with MCLN (or R2Gen's plain LayerNorm when `use_mcln=False`)."""
+
+    def __init__(self, config: R2GenMambaDecoderConfig) -> None:
+        super().__init__()
+        hidden, eps = config.hidden_size, config.layer_norm_eps
+        self.self_attn = R2GenAttention(hidden, config.num_attention_heads, config.dropout)
+        self.cross_attn = R2GenAttention(hidden, config.num_attention_heads, config.dropout)
+        self.feed_forward = R2GenFeedForward(hidden, config.intermediate_size, config.dropout)
+        if config.use_mcln:
+            memory_size = config.rm_num_slots * hidden
+            self.self_attn_norm = R2GenConditionalLayerNorm(hidden, memory_size, eps)
+            self.cross_attn_norm = R2GenConditionalLayerNorm(hidden, memory_size, eps)
+            self.ffn_norm = R2GenConditionalLayerNorm(hidden, memory_size, eps)
+        else:
+            self.self_attn_norm = R2GenLayerNorm(hidden, eps)
+            self.cross_attn_norm = R2GenLayerNorm(hidden, eps)
+            self.ffn_norm = R2GenLayerNorm(hidden, eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def _norm(self, norm: nn.Module, hidden_states: torch.Tensor, deltas) -> torch.Tensor:
+        return norm(hidden_states) if deltas is None else norm(hidden_states, deltas=deltas)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        self_attn_mask: torch.Tensor | None,
+        norm_deltas: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        cache: R2GenMambaCache | None,
+        layer_idx: int,
+    ) -> torch.Tensor:
+        """Args: hidden_states `[batch, seq, hidden]` (new tokens only when a cache holds the earlier ones);
+        encoder_hidden_states `[batch, tokens, hidden]`; self_attn_mask additive `[batch, 1, seq, seen + seq]` or
+        None; norm_deltas: three (gamma, beta) offsets `[batch, seq, hidden]` for MCLN, or None."""
+        deltas = norm_deltas or (None, None, None)
+
+        normed = self._norm(self.self_attn_norm, hidden_states, deltas[0])
+        key = self.self_attn.split_heads(self.self_attn.k_proj(normed))
+        value = self.self_attn.split_heads(self.self_attn.v_proj(normed))
+        if cache is not None:
+            if cache.self_keys[layer_idx] is not None:
+                key = torch.cat([cache.self_keys[layer_idx], key], dim=2)
+                value = torch.cat([cache.self_values[layer_idx], value], dim=2)
+            cache.self_keys[layer_idx], cache.self_values[layer_idx] = key, value
+        hidden_states = hidden_states + self.dropout(self.self_attn.attend(normed, key, value, self_attn_mask))
+
+        if cache is not None and cache.cross_keys[layer_idx] is not None:
+            key, value = cache.cross_keys[layer_idx], cache.cross_values[layer_idx]
+        else:
+            key = self.cross_attn.split_heads(self.cross_attn.k_proj(encoder_hidden_states))
+            value = self.cross_attn.split_heads(self.cross_attn.v_proj(encoder_hidden_states))
+            if cache is not None:
+                cache.cross_keys[layer_idx], cache.cross_values[layer_idx] = key, value
+        normed = self._norm(self.cross_attn_norm, hidden_states, deltas[1])
+        hidden_states = hidden_states + self.dropout(self.cross_attn.attend(normed, key, value))
+
+        normed = self._norm(self.ffn_norm, hidden_states, deltas[2])
+        return hidden_states + self.dropout(self.feed_forward(normed))
+
+
+class R2GenMambaDecoder(nn.Module):
+    """R2Gen's memory-driven Transformer decoder: sqrt(d)-scaled embeddings + sinusoidal positions, relational memory,
+    layers with MCLN, final (quirky) LayerNorm. Returns hidden states; the LM head lives outside."""
+
+    def __init__(self, config: R2GenMambaDecoderConfig, pad_token_id: int = 0) -> None:
+        super().__init__()
+        if config.hidden_size % 2:
+            raise ValueError(f"decoder hidden_size must be even (sinusoidal positions), got {config.hidden_size}")
+        self.config = config
+        self.pad_token_id = pad_token_id
+        self.hidden_size = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.relational_memory = R2GenRelationalMemory(config) if config.use_relational_memory else None
+        self.layers = nn.ModuleList([R2GenMambaDecoderLayer(config) for _ in range(config.num_hidden_layers)])
+        self.norm = R2GenLayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def conditional_norms(self) -> list[R2GenConditionalLayerNorm]:
+        """The MCLNs in order (layer 0 self/cross/ffn, layer 1 ...); empty without MCLN."""
+        if not self.config.use_mcln:
+            return []
+        norms = ("self_attn_norm", "cross_attn_norm", "ffn_norm")
+        return [getattr(layer, name) for layer in self.layers for name in norms]
+
+    def condition_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """All MCLN MLP weights, concatenated at call time from the separate parameters (gradients flow back to
+        them): fc1 `[n*hidden, slots*hidden]` + bias `[n*hidden]`, fc2 `[n, hidden, hidden]` + bias `[n, hidden]`,
+        with n = 2 * 3 * num_layers (gamma then beta of each MCLN)."""
+        mlps = [mlp for norm in self.conditional_norms() for mlp in (norm.mlp_gamma, norm.mlp_beta)]
+        return (
+            torch.cat([mlp.fc1.weight for mlp in mlps]),
+            torch.cat([mlp.fc1.bias for mlp in mlps]),
+            torch.stack([mlp.fc2.weight for mlp in mlps]),
+            torch.stack([mlp.fc2.bias for mlp in mlps]),
+        )
+
+    def condition_offsets(
+        self, memory: torch.Tensor, weights: tuple[torch.Tensor, ...]
+    ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Gamma/beta offsets of every MCLN from the flattened memory `[batch, seq, slots*hidden]`: one matmul for
+        all first layers, one batched matmul for all second layers. Returns per layer three (gamma, beta) pairs."""
+        fc1_weight, fc1_bias, fc2_weight, fc2_bias = weights
+        batch, seq_len, _ = memory.shape
+        num_mlps = fc2_weight.shape[0]
+        hidden = F.relu(F.linear(memory, fc1_weight, fc1_bias))  # [batch, seq, n*hidden]
+        hidden = hidden.view(batch * seq_len, num_mlps, self.hidden_size).transpose(0, 1)  # [n, batch*seq, hidden]
+        offsets = torch.baddbmm(fc2_bias.unsqueeze(1), hidden, fc2_weight.transpose(1, 2))  # [n, batch*seq, hidden]
+        offsets = offsets.view(num_mlps, batch, seq_len, self.hidden_size)
+        pairs = [(offsets[i], offsets[i + 1]) for i in range(0, num_mlps, 2)]
+        return [pairs[3 * layer : 3 * layer + 3] for layer in range(len(self.layers))]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: R2GenMambaCache | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            input_ids: `[batch, seq]` decoder input ids (only the new ones when `cache` holds earlier tokens).
+            encoder_hidden_states: `[batch, tokens, hidden]`.
+            attention_mask: `[batch, seen + seq]`, 1 for keys that may be attended (a causal mask is always added).
+                None: R2Gen's `seq_mask`, i.e. keys whose id is the pad id are masked, except position 0.
+            cache: filled in place when given.
+        Returns: `[batch, seq, hidden]`.
+        """
+        batch, seq_len = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        if past + seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"decoder sequence of {past + seq_len} tokens exceeds max_position_embeddings "
+                f"({self.config.max_position_embeddings})"
+            )
+        positions = torch.arange(past, past + seq_len, device=input_ids.device)
+        embeddings = self.embed_tokens(input_ids) * math.sqrt(self.hidden_size)
+        embeddings = embeddings + sinusoidal_positions(positions, self.hidden_size).to(embeddings.dtype)
+        # The official decoder embeds the tokens twice (memory input, layer input): two independent dropout masks.
+        hidden_states = self.dropout(embeddings)
+
+        norm_deltas = None
+        if self.relational_memory is not None:
+            if cache is not None and cache.memory is not None:
+                memory = cache.memory
+            else:
+                memory = self.relational_memory.initial_memory(batch, embeddings.device, embeddings.dtype)
+            memories = self.relational_memory(self.dropout(embeddings), memory)  # [batch, seq, slots, hidden]
+            if cache is not None:
+                cache.memory = memories[:, -1]
+            if self.config.use_mcln:
+                weights = cache.condition_weights if cache is not None else None
+                if weights is None:
+                    weights = self.condition_weights()
+                    if cache is not None and not torch.is_grad_enabled():
+                        cache.condition_weights = weights
+                norm_deltas = self.condition_offsets(memories.flatten(2), weights)
+
+        self_attn_mask = self._self_attention_mask(input_ids, attention_mask, cache, past, embeddings.dtype)
+        for idx, layer in enumerate(self.layers):
+            layer_deltas = norm_deltas[idx] if norm_deltas is not None else None
+            hidden_states = layer(hidden_states, encoder_hidden_states, self_attn_mask, layer_deltas, cache, idx)
+        return self.norm(hidden_states)
+
+    def _self_attention_mask(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None,
+        cache: R2GenMambaCache | None,
+        past: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor | None:
+        """Additive mask `[batch, 1, seq, past + seq]` (keys allowed by the key mask and causality), or None when
+        nothing is masked (one new token attending to an all-visible prefix)."""
+        batch, seq_len = input_ids.shape
+        total = past + seq_len
+        if attention_mask is not None:
+            if attention_mask.shape != (batch, total):
+                raise ValueError(
+                    f"decoder_attention_mask must have shape [batch, seen + new tokens] = {[batch, total]}, "
+                    f"got {list(attention_mask.shape)}"
+                )
+            key_mask = attention_mask.bool()
+        else:
+            positions = torch.arange(past, total, device=input_ids.device)
+            new_mask = (input_ids != self.pad_token_id) | (positions == 0)
+            past_mask = cache.key_mask if cache is not None else None
+            key_mask = new_mask if past_mask is None else torch.cat([past_mask, new_mask], dim=1)
+        if cache is not None:
+            cache.key_mask = key_mask
+        if seq_len == 1 and bool(key_mask.all()):
+            return None
+        query_positions = torch.arange(past, total, device=input_ids.device).unsqueeze(1)
+        causal = torch.arange(total, device=input_ids.device).unsqueeze(0) <= query_positions  # [seq, total]
+        allowed = causal.unsqueeze(0) & key_mask.unsqueeze(1)  # [batch, seq, total]
+        # R2Gen fills masked scores with -1e9: a fully masked row then attends uniformly; the dtype's minimum does too.
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device)
+        return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hugging Face models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def shift_tokens_right(labels: torch.Tensor, decoder_start_token_id: int, pad_token_id: int) -> torch.LongTensor:
+    """Decoder inputs from targets: `[start] + labels[:, :-1]`, with -100 replaced by the pad id."""
+    shifted = labels.new_zeros(labels.shape)
+    shifted[:, 1:] = labels[:, :-1]
+    shifted[:, 0] = decoder_start_token_id
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+def _default_linear_init(module: nn.Linear) -> None:
+    """PyTorch's own `nn.Linear` initialisation (what the official code leaves on `att_embed` and `logit`)."""
+    init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+    if module.bias is not None:
+        bound = 1 / math.sqrt(module.weight.shape[1])
+        init.uniform_(module.bias, -bound, bound)
+
+
+def _xavier_linear_init(module: nn.Linear) -> None:
+    """R2Gen re-initialises every parameter with dim > 1 by xavier-uniform; biases keep PyTorch's default."""
+    init.xavier_uniform_(module.weight)
+    if module.bias is not None:
+        bound = 1 / math.sqrt(module.weight.shape[1])
+        init.uniform_(module.bias, -bound, bound)
+
+
+class R2GenMambaPreTrainedModel(PreTrainedModel):
+    config_class = R2GenMambaConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _no_split_modules = ["R2GenMambaDecoderLayer", "R2GenMambaEncoderLayer", "R2GenTransformerEncoderLayer"]
+    # The loss is R2Gen's per-batch mean; the Trainer scales it for gradient accumulation itself.
+    accepts_loss_kwargs = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialisation as the official code: xavier-uniform for every matrix of the encoder/decoder Transformer
+        parts (biases: PyTorch default), MCLN MLP biases 0.1, `mamba_ssm`'s own init for the Mamba block (its S4D
+        `A_log` and `D` are *not* overwritten, unlike the official blanket xavier loop), PyTorch defaults for the
+        patch embedding and the LM head. The ResNet keeps its own init (a sub-`PreTrainedModel`).
+
+        transformers only visits modules that own parameters, children first; containers without parameters are
+        skipped, so linears say which scheme they need through `_r2gen_init` (set where they are built)."""
+        if isinstance(module, nn.Linear):
+            scheme = getattr(module, "_r2gen_init", "xavier")
+            if scheme == "xavier":
+                _xavier_linear_init(module)
+            elif scheme == "condition":
+                init.xavier_uniform_(module.weight)
+                init.constant_(module.bias, 0.1)
+            else:
+                _default_linear_init(module)
+        elif isinstance(module, nn.Embedding):
+            init.xavier_uniform_(module.weight)
+        elif isinstance(module, (R2GenLayerNorm, R2GenConditionalLayerNorm)):
+            init.ones_(module.gamma)
+            init.zeros_(module.beta)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, R2GenMambaBlock):
+            # Visited after its linears (which got the generic rule): back to mamba_ssm's init for the whole block.
+            for child in (module.in_proj, module.conv1d, module.x_proj, module.dt_proj, module.out_proj):
+                child.reset_parameters()  # torch's init functions, guarded against loaded weights by transformers
+            special = (module.A_log, module.D, module.dt_proj.weight, module.dt_proj.bias)
+            if not any(getattr(param, "_is_hf_initialized", False) for param in special):
+                module.reset_parameters()
+
+
+class _ImageEncoder:
+    """What `generate()` calls as "the encoder": pixel values -> encoder hidden states. A plain callable (not an
+    `nn.Module`) so the modules it uses are not registered twice."""
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, model: R2GenMambaModel) -> None:
+        self.model = model
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutput:
+        return BaseModelOutput(last_hidden_state=self.model.encode_images(pixel_values))
+
+    __call__ = forward
+
+
+class R2GenMambaModel(R2GenMambaPreTrainedModel):
+    """Visual extractor (ResNet), patch embedding, encoder and memory-driven decoder; returns decoder hidden states."""
+
+    def __init__(self, config: R2GenMambaConfig) -> None:
+        super().__init__(config)
+        self.visual_extractor = ResNetModel(config.vision_config)
+        self.patch_embed = R2GenMambaPatchEmbedding(config.visual_feature_size, config.d_model, config.patch_dropout)
+        if config.encoder_type == "mamba":
+            self.encoder = R2GenMambaEncoder(config.encoder_config)
+        else:
+            self.encoder = R2GenTransformerEncoder(config.encoder_config)
+        self.decoder = R2GenMambaDecoder(config.decoder_config, pad_token_id=config.pad_token_id)
+        self.post_init()
+
+    def get_encoder(self, modality: str | None = None) -> _ImageEncoder:
+        return _ImageEncoder(self)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.decoder.embed_tokens = value
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        views, channels = self.config.num_views, self.config.vision_config.num_channels
+        expected = f"[batch, views={views}, channels={channels}, height, width]"
+        if pixel_values.ndim == 4 and views == 1:
+            pixel_values = pixel_values.unsqueeze(1)
+        if pixel_values.ndim != 5:
+            accepted = " (or [batch, channels, height, width] for a 1-view model)" if views == 1 else ""
+            raise ValueError(
+                f"pixel_values must have shape {expected}{accepted}, got a {pixel_values.ndim}-D tensor of shape "
+                f"{list(pixel_values.shape)}"
+            )
+        if pixel_values.shape[1] != views:
+            raise ValueError(
+                f"pixel_values must have shape {expected}: the model expects {views} view(s) per study, got "
+                f"{pixel_values.shape[1]} (shape {list(pixel_values.shape)})"
+            )
+        if pixel_values.shape[2] != channels:
+            raise ValueError(
+                f"pixel_values must have shape {expected}: expected {channels} channels, got {pixel_values.shape[2]} "
+                f"(shape {list(pixel_values.shape)})"
+            )
+        return pixel_values
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[batch, views, 3, H, W]` -> encoder hidden states `[batch, views * h * w, d_model]` (98 tokens for 2
+        views at 224 px): each view's last ResNet stage flattened to h*w patch tokens, the views concatenated."""
+        pixel_values = self._check_pixel_values(pixel_values)
+        batch, views = pixel_values.shape[:2]
+        features = self.visual_extractor(pixel_values.flatten(0, 1)).last_hidden_state  # [batch*views, C, h, w]
+        tokens = features.flatten(2).transpose(1, 2)  # [batch*views, h*w, C]
+        tokens = tokens.reshape(batch, views * tokens.shape[1], tokens.shape[2])  # views concatenated
+        return self.encoder(self.patch_embed(tokens))
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        cache: R2GenMambaCache | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> Seq2SeqModelOutput | tuple:
+        """
+        Args:
+            pixel_values: `[batch, views, 3, H, W]` (4-D accepted for 1-view models); not needed with encoder_outputs.
+            decoder_input_ids: `[batch, seq]` (new tokens only when `cache` holds earlier ones).
+            decoder_attention_mask: `[batch, seen + seq]`; see `R2GenMambaDecoder.forward`.
+            encoder_outputs: precomputed encoder hidden states `[batch, tokens, d_model]` (`BaseModelOutput`/tuple).
+            cache: an `R2GenMambaCache` to continue from; `use_cache=True` creates one when None.
+        Returns: `Seq2SeqModelOutput` with `last_hidden_state` `[batch, seq, d_model]`, `cache`,
+            `encoder_last_hidden_state`.
+        """
+        if decoder_input_ids is None:
+            raise ValueError("decoder_input_ids are required (or pass labels to R2GenMambaForConditionalGeneration)")
+        if encoder_outputs is None:
+            if pixel_values is None:
+                raise ValueError("pass pixel_values or encoder_outputs")
+            encoder_hidden_states = self.encode_images(pixel_values)
+        elif isinstance(encoder_outputs, (tuple, list)):
+            encoder_hidden_states = encoder_outputs[0]
+        else:
+            encoder_hidden_states = encoder_outputs.last_hidden_state
+        if cache is None and use_cache:
+            cache = R2GenMambaCache(len(self.decoder.layers))
+        hidden_states = self.decoder(decoder_input_ids, encoder_hidden_states, decoder_attention_mask, cache)
+        if return_dict is False:
+            return tuple(v for v in (hidden_states, cache, encoder_hidden_states) if v is not None)
+        return Seq2SeqModelOutput(
+            last_hidden_state=hidden_states, cache=cache, encoder_last_hidden_state=encoder_hidden_states
+        )
+
+    def load_vision_weights(self, name_or_path: str, **kwargs: Any) -> None:
+        """Copy the weights of a `transformers` `ResNetModel` (a Hub id such as `"microsoft/resnet-101"` when online,
+        or a local folder) into the visual extractor. The architectures must match exactly (ValueError otherwise);
+        the source is recorded in `config.vision_model_name_or_path`. `kwargs` go to `ResNetModel.from_pretrained`."""
+        source = ResNetModel.from_pretrained(name_or_path, **kwargs)
+        fields = ("num_channels", "embedding_size", "hidden_sizes", "depths", "layer_type")
+        fields += ("downsample_in_first_stage", "downsample_in_bottleneck")
+        different = [
+            f"{f}: expected {getattr(self.config.vision_config, f, None)!r}, got {getattr(source.config, f, None)!r}"
+            for f in fields
+            if getattr(source.config, f, None) != getattr(self.config.vision_config, f, None)
+        ]
+        if different:
+            raise ValueError(f"ResNet at {name_or_path!r} does not match the visual extractor: {'; '.join(different)}")
+        target = self.visual_extractor.state_dict()
+        state = source.state_dict()
+        missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
+        mismatched = [k for k in target if k in state and state[k].shape != target[k].shape]
+        if missing or unexpected or mismatched:
+            raise ValueError(
+                f"ResNet at {name_or_path!r} does not match the visual extractor: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}, shape mismatch {mismatched[:5]}"
+            )
+        self.visual_extractor.load_state_dict(state, strict=True)
+        self.config.vision_model_name_or_path = name_or_path
+        logger.info(f"Loaded visual extractor weights from {name_or_path}")
+
+
+# The published decoding setup (architecture.md): beam 3, 60 tokens (IU X-Ray); the official beam search ranks
+# finished beams by summed log-prob, i.e. no length penalty.
+GENERATION_DEFAULTS = {"num_beams": 3, "max_length": 60, "length_penalty": 0.0}
+
+
+class R2GenMambaForConditionalGeneration(R2GenMambaPreTrainedModel, GenerationMixin):
+    """R2Gen-Mamba with its LM head: `log_softmax(logits)` are R2Gen's log-probs; `loss` is R2Gen's masked NLL."""
+
+    def __init__(self, config: R2GenMambaConfig) -> None:
+        super().__init__(config)
+        self.model = R2GenMambaModel(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size)
+        self.lm_head._r2gen_init = "default"  # the official `logit` is outside the xavier loop
+        self.post_init()
+        for name, value in GENERATION_DEFAULTS.items():
+            setattr(self.generation_config, name, value)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+            setattr(self.generation_config, name, getattr(config, name))
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        # The decoder brings its own cache (attention keys/values plus the relational memory), made in `forward`.
+        return False
+
+    def get_encoder(self, modality: str | None = None) -> _ImageEncoder:
+        return self.model.get_encoder(modality)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def load_vision_weights(self, name_or_path: str, **kwargs: Any) -> None:
+        """See `R2GenMambaModel.load_vision_weights`."""
+        self.model.load_vision_weights(name_or_path, **kwargs)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        past_key_values: R2GenMambaCache | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        cache: R2GenMambaCache | None = None,
+        **kwargs: Any,
+    ) -> Seq2SeqLMOutput | tuple:
+        """
+        Args:
+            pixel_values: `[batch, views, 3, H, W]` (a 4-D `[batch, 3, H, W]` is accepted when `num_views == 1`).
+            labels: `[batch, seq]` targets with -100 on padding (R2Gen encoding[1:]).
+            decoder_input_ids: `[batch, seq]`; when omitted, `labels` shifted right with start id 0 (-100 -> pad).
+            decoder_attention_mask: `[batch, seen + seq]` key mask; None = R2Gen's `seq_mask` (keys with the pad id
+                masked, except position 0). A causal mask is always applied.
+            encoder_outputs: precomputed encoder hidden states (as `generate()` passes them).
+            cache / past_key_values: an `R2GenMambaCache` (`cache` is the name `generate()` uses in transformers 5).
+            use_cache: return a cache for incremental decoding.
+        Returns: `Seq2SeqLMOutput` with `loss` (mean NLL over labels != -100), `logits` `[batch, seq, vocab]`,
+            `cache`, `encoder_last_hidden_state`.
+        """
+        cache = cache if cache is not None else past_key_values
+        if labels is not None and decoder_input_ids is None:
+            decoder_input_ids = shift_tokens_right(
+                labels, self.config.decoder_start_token_id, self.config.pad_token_id
+            )
+        outputs = self.model(
+            pixel_values=pixel_values,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            cache=cache,
+            use_cache=use_cache,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            # R2Gen's masked NLL of log_softmax(logits), averaged over the target positions that are not padding.
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), ignore_index=-100
+            )
+        if return_dict is False:
+            output = (logits, outputs.cache, outputs.encoder_last_hidden_state)
+            output = tuple(v for v in output if v is not None)
+            return ((loss,) + output) if loss is not None else output
+        return Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+        )
+
+    def _prepare_special_tokens(self, generation_config, kwargs_has_attention_mask=None, device=None, batch_size=None):
+        # pad == eos == 0 makes transformers warn about a missing text attention mask; the inputs here are images
+        # (nothing to pad), so that warning does not apply.
+        return super()._prepare_special_tokens(generation_config, None, device=device, batch_size=batch_size)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> dict[str, Any]:
+        # R2Gen generates with the causal mask only (no padding mask on the prefix): an all-ones key mask says so.
+        if kwargs.get("decoder_attention_mask") is None:
+            kwargs["decoder_attention_mask"] = torch.ones_like(input_ids)
+        return super().prepare_inputs_for_generation(input_ids, **kwargs)
+
+
+__all__ = [
+    "R2GenMambaCache",
+    "R2GenMambaDecoder",
+    "R2GenMambaEncoder",
+    "R2GenMambaForConditionalGeneration",
+    "R2GenMambaModel",
+    "R2GenMambaPreTrainedModel",
+    "R2GenTransformerEncoder",
+]
