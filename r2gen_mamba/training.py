@@ -287,6 +287,18 @@ def epoch_step_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def configure_generation(model: nn.Module, num_beams: int, max_length: int) -> None:
+    """Set the decoding used for validation, test and by the saved model (`generation_config`).
+
+    The model's default is R2Gen's beam search without length penalty (`length_penalty=0.0`); greedy decoding
+    (`num_beams=1`) has no length penalty, so it is unset there (a `GenerationConfig` refuses the combination).
+    """
+    model.generation_config.num_beams = num_beams
+    model.generation_config.max_length = max_length
+    if num_beams == 1:
+        model.generation_config.length_penalty = None
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Trainer
 # ---------------------------------------------------------------------------------------------------------------------
@@ -525,6 +537,7 @@ __all__ = [
     "R2GenMambaTrainer",
     "ReportMetrics",
     "build_optimizer",
+    "configure_generation",
     "decode_reports",
     "epoch_step_schedule",
     "last_complete_checkpoint",
