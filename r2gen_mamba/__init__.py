@@ -37,4 +37,8 @@ from .processing_r2gen_mamba import (
 # -- metrics imports (evaluation) --
 from .metrics import compute_nlg_metrics, load_metric
 
+# -- pipeline (inference/hub) --
+# isort: split
+from .pipeline_r2gen_mamba import RadiologyReportGenerationPipeline  # registers `radiology-report-generation`
+
 __version__ = "0.1.0"
