@@ -23,6 +23,7 @@ Conventions (documented because they change numbers or hang processes):
 from __future__ import annotations
 
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Sequence
@@ -73,7 +74,7 @@ def build_coco_inputs(
     res: CocoDict = {}
     for i, (hypothesis, refs) in enumerate(zip(predictions, references)):
         res[i] = [_check_text(hypothesis, "prediction", i)]
-        ref_list = [refs] if isinstance(refs, str) else list(refs)
+        ref_list = list(refs) if isinstance(refs, (list, tuple)) else [refs]
         if not ref_list:
             raise ValueError(f"reference {i} is an empty list; each study needs at least one reference")
         gts[i] = [_check_text(ref, "reference", i) for ref in ref_list]
@@ -130,19 +131,26 @@ def meteor_score(gts: CocoDict, res: CocoDict, timeout: float | None = None) -> 
     process = scorer.meteor_p
     timeout = 300.0 + 0.05 * len(res) if timeout is None else timeout
     # A killed process closes its stdout, so the wrapper's blocked readline() returns and the call fails loudly.
-    watchdog = threading.Timer(timeout, process.kill)
+    timed_out = threading.Event()
+
+    def kill() -> None:
+        timed_out.set()
+        process.kill()
+
+    watchdog = threading.Timer(timeout, kill)
     watchdog.daemon = True
     watchdog.start()
     try:
         score, _ = scorer.compute_score(gts, res)
         return float(score)
-    except ValueError as error:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"the METEOR subprocess stopped (exit code {process.returncode}) before answering; "
-                f"after {timeout:.0f} s it is killed by the watchdog"
-            ) from error
-        raise
+    except (ValueError, OSError) as error:  # an empty answer line or a broken pipe: the process is gone
+        if timed_out.is_set():
+            raise RuntimeError(f"the METEOR subprocess stopped: no answer within {timeout:.1f} s, killed") from error
+        try:
+            code = process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            raise error from None
+        raise RuntimeError(f"the METEOR subprocess stopped (exit code {code}) before answering") from error
     finally:
         watchdog.cancel()
         _close_meteor(scorer)
