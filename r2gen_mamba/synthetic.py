@@ -15,7 +15,7 @@ A study without any of them is normal and gets the normal sentence for each orga
 right so that the label set stays small (the side is still named in the report). The lateral view shows the same
 findings (larger anterior heart, posterior sulcus fluid, anterior lucency, the nodule at the same height).
 
-Each sentence has a main phrasing (chosen with probability 0.7) and alternatives, so reports vary but stay learnable.
+Each sentence has a main phrasing (chosen with probability 0.8) and alternatives, so reports vary but stay learnable.
 The annotation is R2Gen's format plus the ground-truth labels:
 `{"train": [{"id", "report", "image_path": ["<id>/0.png", "<id>/1.png"], "split", "findings": [...]}], ...}`,
 written to `<output_dir>/annotation.json` with the images under `<output_dir>/images` (the image root).
@@ -46,7 +46,7 @@ FINDING_PROBABILITIES: dict[str, float] = {
     "pneumothorax": 0.2,
     "nodule": 0.25,
 }
-MAIN_PHRASING_PROBABILITY = 0.7
+MAIN_PHRASING_PROBABILITY = 0.8
 
 # One list of phrasings per report slot; the first entry is the main phrasing.
 SENTENCES: dict[str, list[str]] = {
@@ -151,7 +151,7 @@ def make_report(findings: Iterable[str], rng: np.random.Generator) -> str:
     sentences.append(_pick(rng, "nodule" if "nodule" in findings else "lungs_clear"))
     left, right = "left_effusion" in findings, "right_effusion" in findings
     pneumothorax = "pneumothorax" in findings
-    if not (left or right or pneumothorax) and rng.random() < 0.5:
+    if not (left or right or pneumothorax) and rng.random() < MAIN_PHRASING_PROBABILITY:
         sentences.append(_pick(rng, "no_effusion_no_pneumothorax"))
     else:
         effusion_slot = {(False, False): "no_effusion", (True, False): "left_effusion"}.get((left, right))
