@@ -346,3 +346,24 @@ def test_collator_with_image_features(tmp_path, tree):
     batch = R2GenMambaDataCollator(_processor(path))([dataset[0], dataset[1]])
     assert batch["pixel_values"].shape == (2, 2, 3, 32, 32)
     assert batch["pixel_values"][0].mean() < batch["pixel_values"][1].mean()  # darker first study
+
+
+def test_dataloader_batches_feed_the_model(tree):
+    """A torch DataLoader over the dataset with the collator gives batches the model trains on."""
+    from helpers import tiny_config
+
+    from r2gen_mamba.modeling_r2gen_mamba import R2GenMambaForConditionalGeneration
+
+    path, images, _ = tree
+    processor = _processor(path)
+    dataset = load_annotation_dataset(path, images)["train"]
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=2, collate_fn=R2GenMambaDataCollator(processor, train=True), shuffle=False
+    )
+    model = R2GenMambaForConditionalGeneration(tiny_config(vocab_size=len(processor.tokenizer), image_size=32))
+    batches = list(loader)
+    assert [b["pixel_values"].shape[0] for b in batches] == [2, 1]
+    output = model(**batches[0])
+    assert torch.isfinite(output.loss)
+    assert output.logits.shape[:2] == batches[0]["labels"].shape
+    output.loss.backward()
