@@ -150,6 +150,16 @@ def load_annotation(
         result[split] = kept
     if problems:
         raise AnnotationError(f"{path}: {len(problems)} invalid record(s):\n{_listing(problems)}")
+    seen: dict[str, str] = {}
+    duplicates = []
+    for split, records in result.items():
+        for record in records:
+            if record["id"] in seen:
+                duplicates.append(f"'{record['id']}' ({seen[record['id']]} and {split})")
+            seen.setdefault(record["id"], split)
+    if duplicates:
+        # Not fatal (some annotations reuse ids), but an id in two splits usually means train/test leakage.
+        logger.warning(f"{path}: {len(duplicates)} duplicate id(s): {', '.join(duplicates[:MAX_LISTED])}")
     if skipped:
         logger.warning(f"{path}: skipped {skipped} record(s) with an empty report")
     return result
@@ -161,7 +171,7 @@ def _default_image_dir(annotation_path: Path) -> Path:
     return images if images.is_dir() else annotation_path.parent
 
 
-def _to_dataset(records: list[dict[str, Any]], columns: Sequence[str]) -> datasets.Dataset:
+def _to_dataset(records: list[dict[str, Any]], columns: Sequence[str], source: str) -> datasets.Dataset:
     if not records:
         features = datasets.Features(
             {
@@ -172,7 +182,12 @@ def _to_dataset(records: list[dict[str, Any]], columns: Sequence[str]) -> datase
         )
         return datasets.Dataset.from_dict({"id": [], "image_paths": [], "report": []}, features=features)
     # `from_list` takes its columns from the first record: give every record every column.
-    return datasets.Dataset.from_list([{c: r.get(c) for c in columns} for r in records])
+    try:
+        return datasets.Dataset.from_list([{c: r.get(c) for c in columns} for r in records])
+    except (TypeError, ValueError) as error:  # pyarrow's errors subclass these
+        raise AnnotationError(
+            f"{source}: cannot build a table from the records (a field with mixed types across records?): {error}"
+        ) from None
 
 
 def load_annotation_dataset(
@@ -217,7 +232,7 @@ def load_annotation_dataset(
             rows.append({"id": record.pop("id"), "image_paths": [str(root / p) for p in paths], **record})
         columns = ["id", "image_paths", "report"]
         columns += sorted({key for row in rows for key in row} - set(columns))
-        result[split] = _to_dataset(rows, columns)
+        result[split] = _to_dataset(rows, columns, f"{annotation} split '{split}'")
     if wrong_views:
         message = (
             f"{annotation}: {len(wrong_views)} record(s) with the wrong number of views:\n{_listing(wrong_views)}"

@@ -367,3 +367,16 @@ def test_dataloader_batches_feed_the_model(tree):
     assert torch.isfinite(output.loss)
     assert output.logits.shape[:2] == batches[0]["labels"].shape
     output.loss.backward()
+
+
+def test_mixed_field_types_and_duplicate_ids(tmp_path, caplog):
+    records = [
+        {"id": "a", "report": "Fine.", "image_path": ["a.png"], "age": 50},
+        {"id": "a", "report": "Fine.", "image_path": ["b.png"], "age": "fifty"},
+    ]
+    (tmp_path / "images").mkdir()
+    path = _write(tmp_path, {"train": records, "val": [], "test": []})
+    with caplog.at_level("WARNING", logger="r2gen_mamba.data"):
+        with pytest.raises(AnnotationError, match=r"bad\.json split 'train': cannot build a table"):
+            load_annotation_dataset(path)
+    assert "1 duplicate id(s): 'a' (train and train)" in caplog.text
