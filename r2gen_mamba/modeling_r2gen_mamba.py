@@ -455,7 +455,13 @@ class R2GenMambaDecoder(nn.Module):
         self.pad_token_id = pad_token_id
         self.hidden_size = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.relational_memory = R2GenRelationalMemory(config) if config.use_relational_memory else None
+        # The memory reaches the decoder only through MCLN: without MCLN it would be dead weight, so it is not built.
+        if config.use_relational_memory and not config.use_mcln:
+            logger.warning_once(
+                "use_relational_memory=True has no effect with use_mcln=False (the memory conditions the decoder only "
+                "through MCLN); the relational memory is not built."
+            )
+        self.relational_memory = R2GenRelationalMemory(config) if config.use_mcln else None
         self.layers = nn.ModuleList([R2GenMambaDecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.norm = R2GenLayerNorm(config.hidden_size, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
@@ -532,13 +538,12 @@ class R2GenMambaDecoder(nn.Module):
             memories = self.relational_memory(self.dropout(embeddings), memory)  # [batch, seq, slots, hidden]
             if cache is not None:
                 cache.memory = memories[:, -1]
-            if self.config.use_mcln:
-                weights = cache.condition_weights if cache is not None else None
-                if weights is None:
-                    weights = self.condition_weights()
-                    if cache is not None and not torch.is_grad_enabled():
-                        cache.condition_weights = weights
-                norm_deltas = self.condition_offsets(memories.flatten(2), weights)
+            weights = cache.condition_weights if cache is not None else None
+            if weights is None:
+                weights = self.condition_weights()
+                if cache is not None and not torch.is_grad_enabled():
+                    cache.condition_weights = weights
+            norm_deltas = self.condition_offsets(memories.flatten(2), weights)
 
         self_attn_mask = self._self_attention_mask(input_ids, attention_mask, cache, past, embeddings.dtype)
         for idx, layer in enumerate(self.layers):
@@ -702,23 +707,21 @@ class R2GenMambaModel(R2GenMambaPreTrainedModel):
 
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
         views, channels = self.config.num_views, self.config.vision_config.num_channels
-        expected = f"[batch, views={views}, channels={channels}, height, width]"
+        expected = f"pixel_values: expected shape [batch, views={views}, channels={channels}, height, width]"
+        if views == 1:
+            expected += " (or [batch, channels, height, width])"
         if pixel_values.ndim == 4 and views == 1:
             pixel_values = pixel_values.unsqueeze(1)
         if pixel_values.ndim != 5:
-            accepted = " (or [batch, channels, height, width] for a 1-view model)" if views == 1 else ""
-            raise ValueError(
-                f"pixel_values must have shape {expected}{accepted}, got a {pixel_values.ndim}-D tensor of shape "
-                f"{list(pixel_values.shape)}"
-            )
+            raise ValueError(f"{expected}, got a {pixel_values.ndim}-D tensor of shape {list(pixel_values.shape)}")
         if pixel_values.shape[1] != views:
             raise ValueError(
-                f"pixel_values must have shape {expected}: the model expects {views} view(s) per study, got "
-                f"{pixel_values.shape[1]} (shape {list(pixel_values.shape)})"
+                f"{expected}: the model takes {views} view(s) per study, got {pixel_values.shape[1]} "
+                f"(shape {list(pixel_values.shape)})"
             )
         if pixel_values.shape[2] != channels:
             raise ValueError(
-                f"pixel_values must have shape {expected}: expected {channels} channels, got {pixel_values.shape[2]} "
+                f"{expected}: expected {channels} channels, got {pixel_values.shape[2]} "
                 f"(shape {list(pixel_values.shape)})"
             )
         return pixel_values
