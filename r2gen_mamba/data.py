@@ -275,7 +275,10 @@ def _normalise(
     id_column: str | None,
     image_dir: Path | None,
     source: str,
+    id_prefix: str = "",
 ) -> datasets.Dataset:
+    if id_column is None and "id" in dataset.features:
+        id_column = "id"
     missing = [
         c for c in [*image_columns, text_column, *([id_column] if id_column else [])] if c not in dataset.features
     ]
@@ -315,7 +318,7 @@ def _normalise(
 
     def to_row(row: dict[str, Any], index: int) -> dict[str, Any]:
         report = row[text_column]
-        new = {"id": str(row[id_column]) if id_column else str(index), "report": report}
+        new = {"id": str(row[id_column]) if id_column else f"{id_prefix}{index}", "report": report}
         if kind == "path":
             paths = views(row)
             base = image_dir or Path.cwd()
@@ -357,7 +360,8 @@ def load_image_text_dataset(
             hold `Image` features or path strings, single or lists (several views).
         text_column: the column with the report text.
         split: one split (returns a `Dataset`), or None for all splits (a `DatasetDict`).
-        id_column: column with study ids; defaults to the row index.
+        id_column: column with study ids; defaults to `id` when the dataset has one, else the row index
+            (prefixed with the split name, `train-0`, when loading several splits).
         image_dir: root for relative image paths (defaults to the current directory).
         **load_kwargs: passed to `datasets.load_dataset` (e.g. `revision`, `cache_dir`).
 
@@ -374,7 +378,7 @@ def load_image_text_dataset(
     if isinstance(loaded, datasets.DatasetDict):
         return datasets.DatasetDict(
             {
-                name: _normalise(ds, image_columns, text_column, id_column, root, f"{source}[{name}]")
+                name: _normalise(ds, image_columns, text_column, id_column, root, f"{source}[{name}]", f"{name}-")
                 for name, ds in loaded.items()
             }
         )

@@ -260,6 +260,9 @@ def test_image_text_dataset_from_image_features(tmp_path):
     assert train["id"] == ["s0", "s1", "s2"] and train["report"] == REPORTS[:3] and train["age"] == [50, 60, 70]
     assert len(train[1]["images"]) == 2 and isinstance(train[1]["images"][0]["bytes"], bytes)
     assert check_images(loaded, num_views=2) is loaded
+    # Without an id column the row index is the id, prefixed with the split name.
+    one_view = load_image_text_dataset(tmp_path / "saved", image_column="frontal", text_column="text")
+    assert one_view["train"]["id"] == ["train-0", "train-1", "train-2"] and one_view["test"]["id"] == ["test-0"]
     with pytest.raises(ValueError, match=r"column\(s\) \['missing'\] not found"):
         load_image_text_dataset(tmp_path / "saved", image_column="missing", text_column="text")
 
