@@ -74,8 +74,9 @@ def main(argv: list[str] | None = None, api: HfApi | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         folder = write(args.output_dir or tmp)
-        url = upload_folder(folder, args.repo_id, private=args.private, revision=args.revision, api=api)
-    print(f"uploaded to https://huggingface.co/{args.repo_id}\ncommit: {url}")
+        commit = upload_folder(folder, args.repo_id, private=args.private, revision=args.revision, api=api)
+    print(f"uploaded to https://huggingface.co/{args.repo_id}\ncommit: {commit.commit_url}")
+    print(f'pin this version with revision="{commit.oid}"')
     return 0
 
 

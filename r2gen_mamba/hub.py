@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import logging
 
@@ -153,6 +153,18 @@ def build_model_card(
     num_beams = getattr(generation_config, "num_beams", None) or 3
     max_length = getattr(generation_config, "max_length", None) or 60
     example = "['frontal.png', 'lateral.png']" if config.num_views == 2 else "'frontal.dcm'"
+    if config.encoder_type == "mamba":
+        encoder = (
+            f"{config.encoder_layers} Mamba block(s) (d_state {config.d_state}, d_conv {config.d_conv}, "
+            f"expand {config.expand}) over the concatenated patch tokens of the views"
+        )
+    else:
+        encoder = f"{config.encoder_layers}-layer Transformer encoder (R2Gen's, the paper's baseline)"
+    schedule = (
+        "100 epochs with the learning rate x0.1 after epoch 50"
+        if dataset == "iu_xray"
+        else "30 epochs with the learning rate x0.8 every epoch"
+    )
     views = "frontal + lateral (2 views)" if config.num_views == 2 else f"{config.num_views} view(s)"
     results_table = "\n".join(f"| {METRICS[key][1]} | {value:.4f} |" for key, value in (metrics or {}).items())
     results = (
@@ -206,15 +218,18 @@ Images may be PNG, JPEG (8/16 bit) or DICOM. With the `r2gen-mamba` package inst
 remote code (`import r2gen_mamba`), and from the shell:
 `r2gen-mamba generate --model {repo_id} IMAGE [IMAGE ...]`.
 
-## Training recipe
+## Architecture and training recipe
 
-As in the paper (section 3.2) and the official scripts: ImageNet-initialised ResNet-101; one Mamba block
-(d_model 512, d_state 16, d_conv 4, expand 2) over the concatenated patch tokens of the views; 3-layer decoder
-(d_model 512, 8 heads, d_ff 512, dropout 0.1, 3 memory slots); cross-entropy on the R2Gen-encoded report; Adam
-(amsgrad, weight decay 5e-5), learning rate 5e-5 for the visual extractor and 1e-4 for the rest, gradient values
-clipped at 0.1, batch size 16; model selected by validation BLEU-4. Images resized to 256 and randomly cropped to 224
-(with horizontal flips) for training, resized to 224 x 224 for evaluation, ImageNet normalisation. Decoding: beam
-search with {num_beams} beams, maximum length {max_length}.
+This checkpoint: ResNet visual extractor (stage widths {config.vision_config.hidden_sizes}, depths
+{config.vision_config.depths}); {encoder}; {config.decoder_layers}-layer memory-driven decoder (d_model
+{config.d_model}, {config.num_heads} heads, d_ff {config.d_ff}, {config.rm_num_slots} memory slots); decoding by beam
+search with {num_beams} beams up to {max_length} tokens (counting the start token).
+
+The published recipe (paper section 3.2 and the official scripts; `train.py --preset {dataset}` of the
+`r2gen-mamba` package follows it): ImageNet-initialised ResNet-101, cross-entropy on the R2Gen-encoded report, Adam
+(amsgrad, weight decay 5e-5), learning rate 5e-5 for the visual extractor and 1e-4 for the rest, {schedule}, gradient
+values clipped at 0.1, batch size 16, model selected by validation BLEU-4. Images are resized to 256 and randomly
+cropped to 224 with horizontal flips for training, resized to 224 x 224 for evaluation, ImageNet normalisation.
 
 ## Evaluation
 
@@ -282,8 +297,9 @@ def upload_folder(
     token: str | None = None,
     api: HfApi | None = None,
     commit_message: str = "Upload R2Gen-Mamba model",
-) -> str:
-    """Create the model repo (if needed) and upload the folder in one commit; returns the commit URL.
+) -> CommitInfo:
+    """Create the model repo (if needed) and upload the folder in one commit; returns the commit (`.commit_url`,
+    `.oid`: the hash to pin as `revision`).
 
     The token comes from `token`, else from `HF_TOKEN` or the `hf auth login` cache (HfApi's own lookup).
     """
@@ -299,4 +315,4 @@ def upload_folder(
         commit_message=commit_message,
     )
     logger.info(f"uploaded {folder} to {repo_id} ({commit.oid})")
-    return commit.commit_url
+    return commit
