@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeAlias
@@ -37,27 +38,30 @@ DEFAULT_THRESHOLD = {"iu_xray": 3, "mimic_cxr": 10}
 # Numbered-list markers. Applied after the dot collapsing, in this order. Note that "1. " is removed anywhere
 # (so "11. " becomes "1"), and " 2. " .. " 5. " become ". " (a sentence break), exactly as R2Gen does.
 _NUMBERING = (
-    ("1. ", ""),
-    (". 2. ", ". "),
-    (". 3. ", ". "),
-    (". 4. ", ". "),
-    (". 5. ", ". "),
-    (" 2. ", ". "),
-    (" 3. ", ". "),
-    (" 4. ", ". "),
-    (" 5. ", ". "),
+    ("1. ", "", 1),
+    (". 2. ", ". ", 1),
+    (". 3. ", ". ", 1),
+    (". 4. ", ". ", 1),
+    (". 5. ", ". ", 1),
+    (" 2. ", ". ", 1),
+    (" 3. ", ". ", 1),
+    (" 4. ", ". ", 1),
+    (" 5. ", ". ", 1),
 )
-# Each entry is one `str.replace` pass; a fixed number of passes (not "until stable") is part of the behaviour:
-# three passes of ".." -> "." collapse up to 8 dots, a run of 9 leaves "..".
-_IU_XRAY_PASSES = (("..", "."),) * 3 + _NUMBERING
-_MIMIC_CXR_PASSES = (("\n", " "),) + (("__", "_"),) * 7 + (("  ", " "),) * 6 + (("..", "."),) * 8 + _NUMBERING
+# (old, new, passes): `passes` successive `str.replace` calls. The fixed number of passes (not "until stable") is
+# part of the behaviour: three passes of ".." -> "." collapse up to 8 dots, a run of 9 leaves "..".
+_IU_XRAY_PASSES = (("..", ".", 3),) + _NUMBERING
+_MIMIC_CXR_PASSES = (("\n", " ", 1), ("__", "_", 7), ("  ", " ", 6), ("..", ".", 8)) + _NUMBERING
 
-# Characters each sentence loses before the punctuation class is applied.
-_SENTENCE_QUOTES = str.maketrans("", "", "\"/\\'")
 # The official regex class is `[.,?;*!%^&_+():-\[\]{}]`. Inside it `:-\[` is a *range* (':' to '['), so besides
 # the listed punctuation it deletes ';<=>?@', 'A'-'Z' (already lowercased by then) and '['; '-' itself is kept.
 _R2GEN_CHAR_CLASS = ".,?;*!%^&_+()" + "".join(chr(c) for c in range(ord(":"), ord("[") + 1)) + "]{}"
-_SENTENCE_PUNCTUATION = str.maketrans("", "", _R2GEN_CHAR_CLASS)
+_SENTENCE_PUNCTUATION = re.compile("[" + re.escape(_R2GEN_CHAR_CLASS) + "]")
+
+
+def _clean_sentence(sentence: str) -> str:
+    sentence = sentence.replace('"', "").replace("/", "").replace("\\", "").replace("'", "")
+    return _SENTENCE_PUNCTUATION.sub("", sentence.strip().lower())
 
 
 def clean_report(text: str, dataset_name: str = "iu_xray") -> str:
@@ -83,11 +87,12 @@ def clean_report(text: str, dataset_name: str = "iu_xray") -> str:
         passes = _MIMIC_CXR_PASSES
     else:
         raise ValueError(f"dataset_name must be one of {DATASET_NAMES}, got {dataset_name!r}")
-    for old, new in passes:
-        text = text.replace(old, new)
-    sentences = text.strip().lower().split(". ")
-    cleaned = [s.translate(_SENTENCE_QUOTES).strip().lower().translate(_SENTENCE_PUNCTUATION) for s in sentences]
-    return " . ".join(cleaned) + " ."
+    for old, new, repeat in passes:
+        for _ in range(repeat):
+            if old not in text:  # later passes of the same replacement would change nothing either
+                break
+            text = text.replace(old, new)
+    return " . ".join([_clean_sentence(s) for s in text.strip().lower().split(". ")]) + " ."
 
 
 def build_vocabulary(reports: Iterable[str], dataset_name: str = "iu_xray", threshold: int = 3) -> list[str]:
@@ -276,6 +281,21 @@ class R2GenMambaTokenizer(PreTrainedTokenizer):
         sequence = self.build_inputs_with_special_tokens(ids) if kwargs.get("add_special_tokens", True) else ids
         kwargs.update(truncation=False, add_special_tokens=False)
         return super().prepare_for_model(sequence[:max_length], **kwargs)
+
+    def encode_r2gen(self, reports: str | Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        """R2Gen's encoding without the generic `transformers` machinery (about 10x faster for whole datasets).
+
+        Returns one `[0] + ids + [0]` list per report, cut to `max_length` when given (R2Gen truncation, the final
+        0 may be lost), exactly what `tokenizer(reports, truncation=True, max_length=max_length)` gives with
+        `r2gen_truncation=True`.
+        """
+        reports = [reports] if isinstance(reports, str) else reports
+        encoder, unk_id, dataset_name = self.encoder, self.encoder[str(self.unk_token)], self.dataset_name
+        encoded = []
+        for report in reports:
+            ids = [0] + [encoder.get(token, unk_id) for token in clean_report(report, dataset_name).split()] + [0]
+            encoded.append(ids[:max_length] if max_length is not None else ids)
+        return encoded
 
     def _decode(
         self,
@@ -718,20 +738,29 @@ class R2GenMambaProcessor(ProcessorMixin):
         return studies
 
     def encode_reports(self, text: str | Sequence[str], max_length: int | None = None) -> list[list[int]]:
-        """R2Gen encodings `[0] + ids + [0]` cut to `max_length`, with the empty-report checks."""
+        """R2Gen encodings `[0] + ids + [0]` cut to `max_length` (default `tokenizer.model_max_length`).
+
+        Raises `ValueError` naming the index of an empty or whitespace-only report, or of one with no word left
+        after cleaning (its encoding would be a lone "." target).
+        """
         reports = [text] if isinstance(text, str) else list(text)
         for index, report in enumerate(reports):
             if not isinstance(report, str):
                 raise TypeError(f"report {index} must be a str, got {type(report).__name__}")
             if not report.strip():
                 raise ValueError(f"report {index} is empty or whitespace-only")
-            if not any(token != "." for token in self.tokenizer.tokenize(report)):
-                raise ValueError(f"report {index} has no words left after R2Gen cleaning: {report!r}")
         max_length = max_length or self.tokenizer.model_max_length
-        encoded = self.tokenizer(reports, truncation=True, max_length=max_length)["input_ids"]
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (the start id and one target), got {max_length}")
+        encoded = self.tokenizer.encode_r2gen(reports, max_length=max_length)
+        period_id = self.tokenizer.encoder.get(".")
+        dataset_name = self.tokenizer.dataset_name
         for index, ids in enumerate(encoded):
-            if len(ids) < 2:
-                raise ValueError(f"max_length={max_length} leaves report {index} with {len(ids)} token(s); need 2")
+            # Cheap pre-check on the ids, confirmed on the whole cleaned text (truncation may hide later words).
+            if not all(i in (0, period_id) for i in ids):
+                continue
+            if set(clean_report(reports[index], dataset_name).split()) <= {"."}:
+                raise ValueError(f"report {index} has no words left after R2Gen cleaning: {reports[index]!r}")
         return encoded
 
     def __call__(

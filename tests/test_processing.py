@@ -212,6 +212,13 @@ def test_r2gen_truncation_drops_final_zero(tokenizer):
     batch = tokenizer([report, "heart"], truncation=True, max_length=5, padding=True)["input_ids"]
     assert batch == [full[:5], tokenizer.encode("heart") + [0] * (5 - len(tokenizer.encode("heart")))]
 
+    # The fast path gives the same ids as the transformers call.
+    reports = [report, "heart", "Unknown words here. 1. The heart. 2. Lungs clear.", "  "]
+    for max_length in (None, 3, 5, 60):
+        via_call = tokenizer(reports, truncation=max_length is not None, max_length=max_length)["input_ids"]
+        assert tokenizer.encode_r2gen(reports, max_length=max_length) == via_call
+    assert tokenizer.encode_r2gen(report) == [full]
+
     keep_eos = R2GenMambaTokenizer(vocab=list(tokenizer.encoder), r2gen_truncation=False)
     assert keep_eos(report, truncation=True, max_length=5)["input_ids"] == full[:4] + [0]
 
