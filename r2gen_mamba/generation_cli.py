@@ -52,7 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-remote-code",
         action="store_true",
-        help="run the model/processor code stored with the model instead of the installed r2gen_mamba",
+        help="allow running code stored with the model (Hub remote code); the classes of the installed r2gen_mamba "
+        "still take precedence for R2Gen-Mamba models (transformers prefers explicitly registered classes)",
     )
 
 
