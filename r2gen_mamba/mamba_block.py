@@ -153,8 +153,18 @@ def selective_scan_chunked(
     B_steps = to_steps(B)  # [chunk_size, batch, num_chunks, d_state]
     C_steps = to_steps(C)  # [chunk_size, batch, num_chunks, d_state]
 
+    # Autograd keeps every step's decay for the backward pass anyway, so steps 1 and 3 share them then (half the
+    # exps and no second copy); without autograd they are recomputed, which keeps inference memory at one step's.
+    keep_decays = torch.is_grad_enabled()
+    decays = []
+
     def step(state: torch.Tensor, t: int) -> torch.Tensor:
-        decay = torch.exp(delta_steps[t, ..., None] * A)  # [batch, num_chunks, d_inner, d_state]
+        if t < len(decays):
+            decay = decays[t]
+        else:
+            decay = torch.exp(delta_steps[t, ..., None] * A)  # [batch, num_chunks, d_inner, d_state]
+            if keep_decays:
+                decays.append(decay)
         # decay * state + delta * u * B, with the multiply-add fused (the scan is memory-bound on CPU).
         return torch.addcmul(delta_u_steps[t, ..., None] * B_steps[t, :, :, None, :], decay, state)
 
