@@ -200,12 +200,13 @@ def plot_per_observation(path: str | os.PathLike, per_observation: dict, title: 
     for k, metric in enumerate(("precision", "recall", "f1")):
         values = [per_observation[name][metric] for name in names]
         axes.barh(y + (k - 1) * height, values, height=height, label=metric)
-    axes.set_yticks(y, names)
+    # The reference positive count tells how much each bar can be trusted (a 0/0 observation scores 0).
+    axes.set_yticks(y, [f"{name} (n+={per_observation[name]['reference_positives']})" for name in names])
     axes.invert_yaxis()
     axes.set_xlim(0, 1)
     axes.set_xlabel("score")
     axes.set_title(title)
-    axes.legend(loc="lower right")
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, frameon=False)
     figure.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
