@@ -12,7 +12,7 @@ conventions used, and the same metrics for a shuffled-reference baseline), a lab
 chart (with CheXbert), and a table on stdout.
 
 The shuffled baseline scores each reference against *another* study's reference (a seeded random derangement): the
-score a model gets by writing a plausible report that ignores the image. On IU X-Ray test it is already about
+score a model gets by writing a plausible report that ignores the image. On IU X-Ray test it is reported at about
 BLEU-4 0.107, METEOR 0.160, ROUGE-L 0.305, so model scores should be read against it.
 """
 
