@@ -333,6 +333,17 @@ def test_processor_save_load_roundtrip(tmp_path, tokenizer):
     assert type(image_processor) is R2GenMambaImageProcessor
 
 
+def test_image_processor_is_the_same_when_torchvision_is_installed(tmp_path, monkeypatch):
+    # On a machine with torchvision, transformers 5 prefers the "torchvision" backend; ours must still load.
+    from transformers import AutoImageProcessor
+    from transformers.models.auto import image_processing_auto
+
+    R2GenMambaImageProcessor().save_pretrained(tmp_path)
+    monkeypatch.setattr(image_processing_auto, "is_torchvision_available", lambda: True)
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is R2GenMambaImageProcessor
+    assert type(AutoImageProcessor.from_pretrained(tmp_path, backend="pil")) is R2GenMambaImageProcessor
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Image loading: every mode written to disk
 # ----------------------------------------------------------------------------------------------------------------
@@ -660,6 +671,7 @@ def test_package_registers_auto_classes():
     config_class = r2gen_mamba.R2GenMambaConfig
     assert TOKENIZER_MAPPING[config_class] is R2GenMambaTokenizer
     assert IMAGE_PROCESSOR_MAPPING[config_class]["pil"] is R2GenMambaImageProcessor
+    assert IMAGE_PROCESSOR_MAPPING[config_class]["torchvision"] is R2GenMambaImageProcessor
     assert PROCESSOR_MAPPING[config_class] is R2GenMambaProcessor
     assert R2GenMambaTokenizer._auto_class == AutoTokenizer.__name__
     assert R2GenMambaImageProcessor._auto_class == AutoImageProcessor.__name__
