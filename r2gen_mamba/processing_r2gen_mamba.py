@@ -454,8 +454,10 @@ def load_dicom(path: str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIX
         raise ValueError(f"cannot decode the pixel data of {what}: {err}") from err
 
     photometric = str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2")).upper()
-    if not photometric.startswith("MONOCHROME"):
-        return _array_to_rgb(np.asarray(pixels), what)
+    if photometric in ("RGB",) or photometric.startswith("YBR"):
+        return _array_to_rgb(np.asarray(pixels), what)  # pydicom already converted YBR to RGB
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ValueError(f"{what}: unsupported PhotometricInterpretation {photometric!r}")
 
     values = pixels.astype(np.float64) * _first(getattr(dataset, "RescaleSlope", 1.0) or 1.0)
     values += _first(getattr(dataset, "RescaleIntercept", 0.0) or 0.0)
@@ -530,7 +532,8 @@ class R2GenMambaImageProcessor(BaseImageProcessor):
     (`augment=True`): resize the shorter side to `train_resize_shortest_edge` (256), take a random `size` crop, flip
     horizontally with probability 0.5, then the same scaling and normalisation (torchvision's `Resize(256)`,
     `RandomCrop(224)`, `RandomHorizontalFlip()`). Random draws use `torch` (a given `torch.Generator`, else the global
-    generator, in torchvision's order), so seeding `torch` reproduces the official augmentation.
+    generator) in the order torchvision >= 0.8 draws them (crop top, crop left, flip), so with the global generator
+    the crops and flips are those a torchvision pipeline seeded the same way would make.
 
     Inputs are anything [`load_image`] accepts: paths (PNG, JPEG, DICOM), PIL images of any mode, numpy arrays.
 
@@ -598,9 +601,10 @@ class R2GenMambaImageProcessor(BaseImageProcessor):
         new_size = (new_short, new_long) if width <= height else (new_long, new_short)
         image = image.resize(new_size, Image.BILINEAR)
         crop_h, crop_w = self.size["height"], self.size["width"]
-        top = int(torch.randint(0, image.height - crop_h + 1, size=(1,), generator=generator).item())
-        left = int(torch.randint(0, image.width - crop_w + 1, size=(1,), generator=generator).item())
-        image = image.crop((left, top, left + crop_w, top + crop_h))
+        if (image.height, image.width) != (crop_h, crop_w):  # torchvision draws nothing when no crop is needed
+            top = int(torch.randint(0, image.height - crop_h + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, image.width - crop_w + 1, size=(1,), generator=generator).item())
+            image = image.crop((left, top, left + crop_w, top + crop_h))
         if self.do_flip and torch.rand(1, generator=generator).item() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         return self._normalize(image)
