@@ -14,7 +14,9 @@ import os
 import platform
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# The benchmark modules beside this file, and the repository root so an uninstalled checkout works too.
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 
 SUBCOMMANDS = {
     "params-flops": "bench_params_flops",
