@@ -6,7 +6,8 @@
     r2gen-mamba generate --model M --folder studies/ --output preds.json        # one sub-folder per study
 
 The output (CSV or JSON) has `id`, `generated` and, when the input knows it, `reference`: the CSV form is what
-`r2gen-mamba evaluate --predictions` reads.
+`r2gen-mamba evaluate --predictions` reads. References are written as R2Gen scores them (encoded by the model's
+tokenizer - cleaned, cut to its max length - and decoded), unless `--raw-references` is given.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--image-dir", help="root of relative image paths (default: the CSV's / annotation's folder)")
     source.add_argument("--split", default="test", help="split of --annotation (default: test)")
     parser.add_argument("--output", help="write predictions to this .csv or .json file")
+    parser.add_argument(
+        "--raw-references",
+        action="store_true",
+        help="write references as given instead of R2Gen's decoded form (cleaned, cut to the tokenizer's max length)",
+    )
     parser.add_argument("--num-beams", type=int, help="beam size (default: the model's generation_config)")
     parser.add_argument("--max-length", type=int, help="maximum report length in tokens incl. the start token")
     parser.add_argument("--batch-size", type=int, default=8, help="studies per forward pass (default: 8)")
@@ -151,6 +158,15 @@ def check_studies(studies: list[Study], num_views: int) -> None:
                 raise ValueError(f"study {study.id!r}: image file {image} does not exist")
 
 
+def r2gen_reference(processor: Any, report: str, study_id: str) -> str:
+    """A reference as R2Gen scores it: encoded by the tokenizer (cleaned, cut to its max length), then decoded."""
+    try:
+        labels = processor(text=[report], return_tensors=None)["labels"]
+    except ValueError as error:
+        raise ValueError(f"study {study_id!r}: bad reference report: {error}") from error
+    return processor.batch_decode([[max(token, 0) for token in labels[0]]], skip_special_tokens=True)[0]
+
+
 def write_predictions(path: str | os.PathLike, rows: list[dict[str, str]]) -> None:
     """Write `rows` (id, generated[, reference]) as CSV or JSON, chosen by the file suffix."""
     path = Path(path)
@@ -211,6 +227,10 @@ def run(args: argparse.Namespace) -> int:
             studies = [Study("study", list(args.images))]
         pipe = load_pipeline(args.model, args.device, args.trust_remote_code)
         check_studies(studies, pipe.model.config.num_views)
+        if not args.raw_references:
+            for study in studies:
+                if study.reference is not None:
+                    study.reference = r2gen_reference(pipe.processor, study.reference, study.id)
         if args.images and not args.output:
             print(pipe(list(args.images), **generate_kwargs)[0]["generated_text"])
             return 0

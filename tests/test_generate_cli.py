@@ -44,7 +44,7 @@ def test_csv_batch_to_csv(model_dir, studies, expected, tmp_path):
         writer = csv.writer(handle)
         writer.writerow(["id", "image_frontal", "image_lateral", "reference"])
         for study_id, (first, second) in studies.items():
-            writer.writerow([study_id, first, second, f"reference of {study_id}"])
+            writer.writerow([study_id, first, second, f"The lungs are clear. Mild cardiomegaly in {study_id}!"])
     output = tmp_path / "preds.csv"
     argv = ["generate", "--model", model_dir, "--csv", str(table), "--output", str(output), "--batch-size", "2"]
     assert main(argv) == 0
@@ -52,7 +52,12 @@ def test_csv_batch_to_csv(model_dir, studies, expected, tmp_path):
         rows = list(csv.DictReader(handle))
     assert [row["id"] for row in rows] == list(studies)
     assert {row["id"]: row["generated"] for row in rows} == expected
-    assert all(row["reference"] == f"reference of {row['id']}" for row in rows)
+    # R2Gen's decoded form: cleaned, lower-cased, unknown words -> <unk> (the tiny vocabulary lacks "study0").
+    assert all(row["reference"] == "the lungs are clear . mild cardiomegaly in <unk> ." for row in rows)
+    raw = tmp_path / "raw.csv"
+    assert main(["generate", "--model", model_dir, "--csv", str(table), "--output", str(raw), "--raw-references"]) == 0
+    with open(raw, newline="") as handle:
+        assert next(csv.DictReader(handle))["reference"] == "The lungs are clear. Mild cardiomegaly in study0!"
 
 
 def test_csv_with_paths_in_one_cell_relative_to_the_csv(model_dir, studies, expected, tmp_path):
@@ -77,7 +82,7 @@ def test_annotation_split_to_json_with_references(model_dir, studies, expected, 
             target.write_bytes(open(path, "rb").read())
         names = sorted(p.name for p in (image_dir / study_id).iterdir())
         records.append(
-            {"id": study_id, "report": f"report {study_id}", "image_path": [f"{study_id}/{n}" for n in names]}
+            {"id": study_id, "report": "Mild cardiomegaly.", "image_path": [f"{study_id}/{n}" for n in names]}
         )
     annotation = tmp_path / "annotation.json"
     annotation.write_text(json.dumps({"train": records[:1], "val": [], "test": records[1:]}))
@@ -85,7 +90,8 @@ def test_annotation_split_to_json_with_references(model_dir, studies, expected, 
     argv = ["generate", "--model", model_dir, "--annotation", str(annotation), "--image-dir", str(image_dir)]
     assert main([*argv, "--split", "test", "--output", str(output)]) == 0
     rows = json.loads(output.read_text())
-    assert rows == [{"id": k, "generated": expected[k], "reference": f"report {k}"} for k in ("study1", "study2")]
+    reference = "mild cardiomegaly ."  # R2Gen's decoded form of "Mild cardiomegaly."
+    assert rows == [{"id": k, "generated": expected[k], "reference": reference} for k in ("study1", "study2")]
     assert main([*argv, "--split", "nope"]) == 1
 
 
