@@ -67,13 +67,21 @@ def main(argv: list[str] | None = None, api: HfApi | None = None) -> int:
         )
 
     if args.dry_run:
-        folder = write(args.output_dir)
+        try:
+            folder = write(args.output_dir)
+        except (ValueError, OSError, RuntimeError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         print(f"wrote the Hub folder for {args.repo_id} to {folder}:")
         for path in sorted(folder.iterdir()):
             print(f"  {path.name}")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write(args.output_dir or tmp)
+        try:
+            folder = write(args.output_dir or tmp)
+        except (ValueError, OSError, RuntimeError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
         commit = upload_folder(folder, args.repo_id, private=args.private, revision=args.revision, api=api)
     print(f"uploaded to https://huggingface.co/{args.repo_id}\ncommit: {commit.commit_url}")
     print(f'pin this version with revision="{commit.oid}"')

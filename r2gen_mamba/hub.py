@@ -252,6 +252,11 @@ def save_hub_folder(model_path: str | os.PathLike, output_dir: str | os.PathLike
     `card_kwargs` go to `build_model_card` (`repo_id`, `metrics`, `dataset`, `split`, `license`).
     """
     output_dir = Path(output_dir)
+    if not (Path(model_path) / "processor_config.json").is_file():
+        raise ValueError(
+            f"{model_path} has no processor (processor_config.json): the Hub folder needs the tokenizer and image "
+            "processor too. Save the processor beside the model (train.py does; convert-official needs --annotation)."
+        )
     model = AutoModelForImageTextToText.from_pretrained(model_path)
     processor = AutoProcessor.from_pretrained(model_path)
     # Saving through the pipeline records `custom_pipelines` in config.json and copies the pipeline file beside the

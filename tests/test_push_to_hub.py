@@ -153,6 +153,17 @@ def test_bad_eval_results_fail_clearly(model_dir, tmp_path, capsys):
     assert push_to_hub.main(["--model", str(model_dir), "--repo-id", "a/b", "--dry-run"]) == 2
 
 
+def test_model_folder_without_processor_is_refused(tmp_path, capsys):
+    bare = tmp_path / "bare"
+    processor_files = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "vocab.json")
+    save_tiny_model(bare)
+    for name in processor_files:
+        (bare / name).unlink(missing_ok=True)
+    argv = ["--model", str(bare), "--repo-id", "a/b", "--dry-run", "--output-dir", str(tmp_path / "out")]
+    assert push_to_hub.main(argv) == 1
+    assert "has no processor" in capsys.readouterr().err
+
+
 def test_upload_creates_the_repo_and_uploads_the_folder(model_dir, metrics_file, capsys):
     api = RecordingHfApi()
     argv = ["--model", str(model_dir), "--repo-id", "someone/r2gen-mamba-tiny", "--private"]
