@@ -371,6 +371,13 @@ class R2GenMambaTrainer(Seq2SeqTrainer):
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        # `Seq2SeqTrainer.evaluate/predict` gather with plain `gather`, which in multi-process runs keeps the samples
+        # the distributed sampler repeats to even out the last batch: metrics would count them twice and the
+        # predictions would not line up with the dataset. `gather_for_metrics` drops them.
+        self.gather_function = self.accelerator.gather_for_metrics
+        return super().evaluation_loop(*args, **kwargs)
+
     @contextlib.contextmanager
     def _eval_collator(self):
         train_collator = self.data_collator
