@@ -85,9 +85,14 @@ class R2GenAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of `query_states` `[batch, q_len, hidden]` over projected `key`/`value` `[batch, heads, k_len,
-        head_dim]`; `attention_mask` is additive, broadcastable to `[batch, heads, q_len, k_len]`. Returns
-        `[batch, q_len, hidden]` after `o_proj`."""
+        head_dim]`; `attention_mask` is boolean (True = may attend), broadcastable to `[batch, heads, q_len, k_len]`.
+        Returns `[batch, q_len, hidden]` after `o_proj`."""
         query = self.split_heads(self.q_proj(query_states))
+        if attention_mask is not None:
+            # R2Gen fills masked scores with -1e9, so a fully masked row attends uniformly (a boolean SDPA mask would
+            # give NaN there); the minimum of the query's dtype does the same and stays finite in fp16/bf16.
+            additive = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device)
+            attention_mask = additive.masked_fill(~attention_mask, torch.finfo(query.dtype).min)
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
         batch, _, q_len, _ = out.shape
@@ -415,7 +420,7 @@ class R2GenMambaDecoderLayer(nn.Module):
         layer_idx: int,
     ) -> torch.Tensor:
         """Args: hidden_states `[batch, seq, hidden]` (new tokens only when a cache holds the earlier ones);
-        encoder_hidden_states `[batch, tokens, hidden]`; self_attn_mask additive `[batch, 1, seq, seen + seq]` or
+        encoder_hidden_states `[batch, tokens, hidden]`; self_attn_mask boolean `[batch, 1, seq, seen + seq]` or
         None; norm_deltas: three (gamma, beta) offsets `[batch, seq, hidden]` for MCLN, or None."""
         deltas = norm_deltas or (None, None, None)
 
@@ -545,7 +550,7 @@ class R2GenMambaDecoder(nn.Module):
                     cache.condition_weights = weights
             norm_deltas = self.condition_offsets(memories.flatten(2), weights)
 
-        self_attn_mask = self._self_attention_mask(input_ids, attention_mask, cache, past, embeddings.dtype)
+        self_attn_mask = self._self_attention_mask(input_ids, attention_mask, cache, past)
         for idx, layer in enumerate(self.layers):
             layer_deltas = norm_deltas[idx] if norm_deltas is not None else None
             hidden_states = layer(hidden_states, encoder_hidden_states, self_attn_mask, layer_deltas, cache, idx)
@@ -557,10 +562,9 @@ class R2GenMambaDecoder(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: R2GenMambaCache | None,
         past: int,
-        dtype: torch.dtype,
     ) -> torch.Tensor | None:
-        """Additive mask `[batch, 1, seq, past + seq]` (keys allowed by the key mask and causality), or None when
-        nothing is masked (one new token attending to an all-visible prefix)."""
+        """Boolean mask `[batch, 1, seq, past + seq]`, True where the key mask and causality allow attention, or None
+        when nothing is masked (one new token attending to an all-visible prefix)."""
         batch, seq_len = input_ids.shape
         total = past + seq_len
         if attention_mask is not None:
@@ -581,10 +585,7 @@ class R2GenMambaDecoder(nn.Module):
             return None
         query_positions = torch.arange(past, total, device=input_ids.device).unsqueeze(1)
         causal = torch.arange(total, device=input_ids.device).unsqueeze(0) <= query_positions  # [seq, total]
-        allowed = causal.unsqueeze(0) & key_mask.unsqueeze(1)  # [batch, seq, total]
-        # R2Gen fills masked scores with -1e9: a fully masked row then attends uniformly; the dtype's minimum does too.
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=input_ids.device)
-        return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+        return (causal.unsqueeze(0) & key_mask.unsqueeze(1)).unsqueeze(1)  # [batch, 1, seq, total]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

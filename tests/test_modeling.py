@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,6 +179,17 @@ def test_decoder_inputs_are_shifted_labels_and_default_mask_is_r2gen_seq_mask():
     ).logits
     assert not torch.allclose(unmasked[1, 5:], implicit[1, 5:])
     torch.testing.assert_close(unmasked[0], implicit[0])  # row 0 has no padding
+
+
+def test_fully_masked_query_row_stays_finite():
+    model = tiny_model()
+    ids = random_prefix(model.config, batch_size=2, length=4)
+    mask = torch.ones_like(ids)
+    mask[0, 0] = 0  # position 0 then sees no key at all: R2Gen's -1e9 fill attends uniformly instead of NaN
+    pixel_values = tiny_pixel_values(model.config)
+    with torch.no_grad():
+        logits = model(pixel_values=pixel_values, decoder_input_ids=ids, decoder_attention_mask=mask).logits
+    assert torch.isfinite(logits).all()
 
 
 def test_eval_is_deterministic_and_train_uses_dropout():
@@ -377,6 +392,37 @@ def test_save_load_reproduces_outputs_and_auto_classes_load(tmp_path):
         .last_hidden_state.abs()
         .sum(),
     )
+
+
+def test_saved_folder_loads_as_remote_code_without_the_package(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path)
+    pixel_values = tiny_pixel_values(model.config, batch_size=1)
+    torch.save(pixel_values, tmp_path / "pixel_values.pt")
+    ids = torch.tensor([[0, 3, 5]])
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values, decoder_input_ids=ids).logits
+    # A fresh interpreter that cannot import r2gen_mamba: the copied model files must be enough.
+    script = f"""
+import sys, torch
+sys.path = [p for p in sys.path if p not in ("", {str(Path.cwd())!r}) and "r2gen" not in p]
+from transformers import AutoModelForImageTextToText
+try:
+    import r2gen_mamba
+    raise SystemExit("r2gen_mamba should not be importable here")
+except ImportError:
+    pass
+model = AutoModelForImageTextToText.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+pixel_values = torch.load({str(tmp_path / "pixel_values.pt")!r})
+with torch.no_grad():
+    logits = model(pixel_values=pixel_values, decoder_input_ids=torch.tensor([[0, 3, 5]])).logits
+torch.save(logits, {str(tmp_path / "logits.pt")!r})
+"""
+    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
 
 
 def test_load_vision_weights_from_local_resnet(tmp_path):
