@@ -10,6 +10,9 @@ layout); only the attention head counts cannot be seen in shapes and come from f
 scripts). The vocabulary is rebuilt from the annotation with the official tokenizer rules and must have exactly the
 checkpoint's size. The folder (model in safetensors, processor, generation config) is written to a temporary
 directory next to `--output` and renamed at the end, so a failed conversion never leaves a partial folder.
+
+Checkpoints of the original R2Gen (`zhjohnchan/R2Gen`: the same model with a 3-layer Transformer encoder) convert
+too, to `encoder_type="transformer"`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.utils import logging
 
-from .configuration_r2gen_mamba import R2GenMambaConfig, resnet101_config
+from .configuration_r2gen_mamba import R2GenMambaConfig, R2GenMambaEncoderConfig, resnet101_config
 
 logger = logging.get_logger(__name__)
 
@@ -112,10 +115,12 @@ _SLOTS: dict[str, _Slot] = {
     "mlp": _Slot(table={"0": "fc1", "2": "fc2"}),
     "cond": _Slot(table=_same("mlp_gamma", "mlp_beta")),
     "norm": _Slot(table={"0": "self_attn_norm", "1": "cross_attn_norm", "2": "ffn_norm"}),
+    "enorm": _Slot(table={"0": "self_attn_norm", "1": "ffn_norm"}),
 }
 
 _VE = "visual_extractor.model"
 _HVE = "model.visual_extractor"
+_ENC = "encoder_decoder.model.encoder"
 _DEC = "encoder_decoder.model.decoder"
 _HDEC = "model.decoder"
 _RM = "encoder_decoder.model.rm"
@@ -146,6 +151,11 @@ KEY_RULES: list[tuple[str, str]] = [
     ("encoder_decoder.att_embed.0.{wb}", "model.patch_embed.proj.{wb}"),
     # the bare mamba_ssm.Mamba block
     ("encoder_decoder.model.encoder.{mamba}", "model.encoder.layers.0.mixer.{mamba}"),
+    # or, in an original R2Gen checkpoint, its Transformer encoder
+    (f"{_ENC}.layers.{{i}}.self_attn.linears.{{proj}}.{{wb}}", "model.encoder.layers.{i}.self_attn.{proj}.{wb}"),
+    (f"{_ENC}.layers.{{i}}.feed_forward.{{ffn}}.{{wb}}", "model.encoder.layers.{i}.feed_forward.{ffn}.{wb}"),
+    (f"{_ENC}.layers.{{i}}.sublayer.{{enorm}}.norm.{{gb}}", "model.encoder.layers.{i}.{enorm}.{gb}"),
+    (f"{_ENC}.norm.{{gb}}", "model.encoder.norm.{gb}"),
     # decoder
     ("encoder_decoder.model.tgt_embed.0.lut.weight", f"{_HDEC}.embed_tokens.weight"),
     (f"{_DEC}.layers.{{i}}.{{attn}}.linears.{{proj}}.{{wb}}", f"{_HDEC}.layers.{{i}}.{{attn}}.{{proj}}.{{wb}}"),
@@ -297,24 +307,43 @@ def infer_config(
     """Build the `R2GenMambaConfig` an official state dict implies.
 
     Read from shapes: vocabulary (`logit.weight` rows), d_model, d_ff, decoder depth, memory slots, max positions,
-    the Mamba sizes (d_state, d_conv, expand, dt_rank) and the ResNet layout (stem width, stage widths and depths,
+    the encoder (Mamba: d_state, d_conv, expand, dt_rank; an original R2Gen checkpoint: the Transformer encoder's
+    depth and d_ff) and the ResNet layout (stem width, stage widths and depths,
     bottleneck or basic blocks). Head counts are not visible in shapes and are passed in.
     """
     logit = _require(state_dict, "encoder_decoder.logit.weight")  # [vocab_size, d_model]
     vocab_size, d_model = logit.shape
     d_ff = _require(state_dict, f"{_DEC}.layers.0.feed_forward.w_1.weight").shape[0]
-    decoder_layers = 1 + max(
-        int(m.group(1)) for k in state_dict if (m := re.match(rf"{re.escape(_DEC)}\.layers\.(\d+)\.", k))
-    )
+    decoder_layers = _count_layers(state_dict, _DEC)
     rm_num_slots = _require(state_dict, f"{_DEC}.layers.0.sublayer.0.norm.mlp_gamma.0.weight").shape[1] // d_model
     max_positions = _require(state_dict, POSITION_TABLE_KEY).shape[1]
 
-    a_log = _require(state_dict, "encoder_decoder.model.encoder.A_log")  # [d_inner, d_state]
-    d_inner, d_state = a_log.shape
-    d_conv = _require(state_dict, "encoder_decoder.model.encoder.conv1d.weight").shape[-1]
-    dt_rank = _require(state_dict, "encoder_decoder.model.encoder.dt_proj.weight").shape[1]
-    if d_inner % d_model:
-        raise ConversionError(f"Mamba d_inner ({d_inner}, from A_log) is not a multiple of d_model ({d_model})")
+    if f"{_ENC}.A_log" in state_dict:  # R2Gen-Mamba: one bare Mamba block
+        d_inner, d_state = state_dict[f"{_ENC}.A_log"].shape  # [d_inner, d_state]
+        if d_inner % d_model:
+            raise ConversionError(f"Mamba d_inner ({d_inner}, from A_log) is not a multiple of d_model ({d_model})")
+        encoder_config = R2GenMambaEncoderConfig(
+            encoder_type="mamba",
+            hidden_size=d_model,
+            num_hidden_layers=1,
+            state_size=d_state,
+            conv_kernel=_require(state_dict, f"{_ENC}.conv1d.weight").shape[-1],
+            expand=d_inner // d_model,
+            time_step_rank=_require(state_dict, f"{_ENC}.dt_proj.weight").shape[1],
+        )
+    elif f"{_ENC}.layers.0.feed_forward.w_1.weight" in state_dict:
+        # Original R2Gen: a Transformer encoder built with the decoder's heads, d_ff and dropout.
+        encoder_config = R2GenMambaEncoderConfig(
+            encoder_type="transformer",
+            hidden_size=d_model,
+            num_hidden_layers=_count_layers(state_dict, _ENC),
+            num_attention_heads=num_heads,
+            intermediate_size=state_dict[f"{_ENC}.layers.0.feed_forward.w_1.weight"].shape[0],
+        )
+    else:
+        raise ConversionError(
+            f"missing key {_ENC}.A_log (R2Gen-Mamba) or {_ENC}.layers.0.* (R2Gen): the checkpoint has no encoder"
+        )
 
     embedding_size = _require(state_dict, f"{_VE}.0.weight").shape[0]
     depths, hidden_sizes, layer_type = [], [], "bottleneck"
@@ -344,16 +373,18 @@ def infer_config(
         rm_num_slots=rm_num_slots,
         rm_num_heads=rm_num_heads,
         max_position_embeddings=max_positions,
-        encoder_type="mamba",
-        encoder_layers=1,
-        d_state=d_state,
-        d_conv=d_conv,
-        expand=d_inner // d_model,
+        encoder_config=encoder_config,
     )
     kwargs.update(overrides)
-    config = R2GenMambaConfig(**kwargs)
-    config.encoder_config.time_step_rank = dt_rank
-    return config
+    return R2GenMambaConfig(**kwargs)
+
+
+def _count_layers(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+    pattern = re.compile(rf"{re.escape(prefix)}\.layers\.(\d+)\.")
+    indices = {int(m.group(1)) for key in state_dict if (m := pattern.match(key))}
+    if not indices:
+        raise ConversionError(f"missing keys {prefix}.layers.0.* in the official checkpoint")
+    return max(indices) + 1
 
 
 # --------------------------------------------------------------------------------------------------------------

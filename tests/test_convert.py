@@ -122,6 +122,12 @@ def to_official_name(key: str) -> str:
         return "encoder_decoder.att_embed.0." + key.split(".")[-1]
     if key.startswith("model.encoder.layers.0.mixer."):
         return "encoder_decoder.model.encoder." + key[len("model.encoder.layers.0.mixer.") :]
+    if key.startswith("model.encoder."):  # R2Gen's Transformer encoder
+        rest = key[len("model.encoder.") :]
+        rest = re.sub(r"self_attn\.(\w_proj)\.", lambda m: f"self_attn.linears.{_PROJ[m.group(1)]}.", rest)
+        rest = rest.replace("feed_forward.fc1.", "feed_forward.w_1.").replace("feed_forward.fc2.", "feed_forward.w_2.")
+        rest = rest.replace("self_attn_norm.", "sublayer.0.norm.").replace("ffn_norm.", "sublayer.1.norm.")
+        return "encoder_decoder.model.encoder." + rest
     if key == "model.decoder.embed_tokens.weight":
         return "encoder_decoder.model.tgt_embed.0.lut.weight"
     if key.startswith("lm_head."):
@@ -174,12 +180,9 @@ def write_annotation(path, num_words: int) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def source():
-    """Our tiny model with random (non-default) weights and its state dict in the official layout."""
+def build_source(config):
     from r2gen_mamba.modeling_r2gen_mamba import R2GenMambaForConditionalGeneration
 
-    config = convert_config()
     torch.manual_seed(3)
     model = R2GenMambaForConditionalGeneration(config).eval()
     generator = torch.Generator().manual_seed(4)
@@ -194,6 +197,12 @@ def source():
     official = {to_official_name(k): v.clone() for k, v in model.state_dict().items()}
     official[POSITION_TABLE_KEY] = sinusoid(config.max_position_embeddings, config.d_model).unsqueeze(0)
     return model, official
+
+
+@pytest.fixture(scope="module")
+def source():
+    """Our tiny model with random (non-default) weights and its state dict in the official layout."""
+    return build_source(convert_config())
 
 
 def save_official(path, state_dict) -> str:
@@ -395,3 +404,24 @@ def test_infer_config_reads_the_architecture(source):
     assert config.encoder_config.time_step_rank == model.config.encoder_config.time_step_rank
     converted = convert_state_dict(official, config)
     assert set(converted) == set(model.state_dict())
+
+
+def test_original_r2gen_checkpoint_converts_to_the_transformer_encoder():
+    config = convert_config(encoder_type="transformer", encoder_layers=2)
+    config.encoder_config.num_attention_heads = 4
+    model, official = build_source(config)
+    assert "encoder_decoder.model.encoder.layers.1.sublayer.1.norm.gamma" in official
+    inferred = infer_config(official, num_views=2, num_heads=4, rm_num_heads=4, image_size=64)
+    assert inferred.encoder_type == "transformer" and inferred.encoder_layers == 2
+    assert inferred.encoder_config.intermediate_size == config.encoder_config.intermediate_size
+    converted = convert_state_dict(official, inferred)
+    from r2gen_mamba.modeling_r2gen_mamba import R2GenMambaForConditionalGeneration
+
+    loaded = R2GenMambaForConditionalGeneration(inferred).eval()
+    loaded.load_state_dict(converted, strict=True)
+    pixel_values = tiny_pixel_values(config)
+    decoder_input_ids = torch.tensor([[0, 5, 9, 3], [0, 7, 2, 0]])
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values, decoder_input_ids=decoder_input_ids).logits
+        got = loaded(pixel_values=pixel_values, decoder_input_ids=decoder_input_ids).logits
+    assert torch.equal(got, expected)
