@@ -5,7 +5,9 @@ fp32 on CPU, at 98, 392, 1568 and 6272 tokens (2 views of 7x7 patches, then 4x, 
 `no_grad` by default; `--backward` times forward+backward of a training-mode encoder instead.
 
 Every point runs in its own fresh Python process, so that one point's allocator state cannot hide or inflate
-another's memory. `seconds` is the best of `--repeats` timed runs after one warm-up run. `peak_mb` is the growth of
+another's memory. `seconds` is the best wall time of `--repeats` timed runs after one warm-up run; `cpu_seconds`
+the best CPU time of the process over the same runs (all threads summed), which a machine shared with other jobs
+disturbs less (with `--threads 1` it is the single-core cost). `peak_mb` is the growth of
 the process's peak resident set size during those runs over the resident size just before them (Linux: `VmHWM`
 after resetting it with `/proc/self/clear_refs`, with freed heap memory first handed back by `malloc_trim`;
 elsewhere `ru_maxrss`, which cannot be reset and so only counts
@@ -117,17 +119,19 @@ def measure_point(encoder_type: str, tokens: int, backward: bool, repeats: int, 
     _release_free_memory()
     rss_before = _current_rss_kb()
     peak_reset = _reset_peak_rss()
-    best = float("inf")
+    best = best_cpu = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         run_once()
         best = min(best, time.perf_counter() - start)
+        best_cpu = min(best_cpu, time.process_time() - start_cpu)
     peak_mb = max(0, _peak_rss_kb() - rss_before) / 1024
     return {
         "encoder": encoder_type,
         "tokens": tokens,
         "seconds": best,
         "peak_mb": peak_mb,
+        "cpu_seconds": best_cpu,
         "peak_exact": peak_reset,
         "threads": torch.get_num_threads(),
     }
@@ -193,7 +197,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             )
             if not point["peak_exact"]:
                 print("  (peak RSS mark could not be reset: peak_mb is a lower bound)", flush=True)
-            rows.append({key: point[key] for key in ("encoder", "tokens", "seconds", "peak_mb")})
+            rows.append({key: point[key] for key in ("encoder", "tokens", "seconds", "peak_mb", "cpu_seconds")})
 
     by_key = {(r["encoder"], r["tokens"]): r["seconds"] for r in rows}
     low, high = min(args.tokens), max(args.tokens)
