@@ -419,15 +419,19 @@ class ReportMetrics:
         processor: an `R2GenMambaProcessor` (anything with `batch_decode`).
         metric: an object with `compute(predictions=..., references=...) -> dict`; defaults to
             `r2gen_mamba.load_metric()`.
+        findings: ground-truth finding labels of the evaluated split, in dataset order (the synthetic demo set's
+            `findings` column); adds `finding_accuracy` (`r2gen_mamba.synthetic.finding_accuracy`). Set the attribute
+            to the split about to be evaluated.
     """
 
-    def __init__(self, processor: Any, metric: Any | None = None):
+    def __init__(self, processor: Any, metric: Any | None = None, findings: Sequence[Sequence[str]] | None = None):
         if metric is None:
             from .metrics import load_metric
 
             metric = load_metric()
         self.processor = processor
         self.metric = metric
+        self.findings = findings
         self.last_predictions: list[str] = []
         self.last_references: list[str] = []
 
@@ -436,7 +440,12 @@ class ReportMetrics:
         self.last_predictions = decode_reports(self.processor, predictions)
         self.last_references = decode_reports(self.processor, eval_pred.label_ids)
         scores = self.metric.compute(predictions=self.last_predictions, references=self.last_references)
-        return {name: float(value) for name, value in scores.items()}
+        scores = {name: float(value) for name, value in scores.items()}
+        if self.findings is not None:
+            from .synthetic import finding_accuracy
+
+            scores["finding_accuracy"] = finding_accuracy(self.last_predictions, self.findings)
+        return scores
 
 
 # ---------------------------------------------------------------------------------------------------------------------
