@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--image-size", type=int, help="input resolution")
     data.add_argument("--max-length", type=int, help="R2Gen max_seq_length: tokens per report, bos/eos included")
     data.add_argument("--threshold", type=int, help="minimum train-split count of a token to enter the vocabulary")
+    data.add_argument(
+        "--train-crop", action=argparse.BooleanOptionalAction, help="random-crop augmentation (R2Gen: on)"
+    )
+    data.add_argument(
+        "--train-flip", action=argparse.BooleanOptionalAction, help="random horizontal flip augmentation (R2Gen: on)"
+    )
     data.add_argument("--skip-bad-images", action="store_true", help="drop records with missing/unreadable images")
     data.add_argument("--skip-empty-reports", action="store_true", help="drop records with an empty report")
     data.add_argument("--demo-studies", type=int, help="studies in the generated synthetic set (demo)")
@@ -136,6 +142,8 @@ def resolve_preset(args: argparse.Namespace) -> TrainingPreset:
         seed=args.seed,
         early_stopping_patience=args.early_stopping_patience,
         eval_every_epochs=args.eval_every_epochs,
+        train_crop=args.train_crop,
+        train_flip=args.train_flip,
         vision_model=args.vision_model,
         demo_num_studies=args.demo_studies,
     )
@@ -193,8 +201,8 @@ def build_processor(annotation: str, preset: TrainingPreset) -> R2GenMambaProces
     )
     image_processor = R2GenMambaImageProcessor(
         size={"height": preset.image_size, "width": preset.image_size},
-        # R2Gen resizes to 256 and crops 224; keep that ratio at other resolutions.
-        train_resize_shortest_edge=round(preset.image_size * 256 / 224),
+        # R2Gen resizes to 256 and crops 224; keep that ratio at other resolutions (no crop: resize to the input size).
+        train_resize_shortest_edge=round(preset.image_size * 256 / 224) if preset.train_crop else preset.image_size,
         do_flip=preset.train_flip,
     )
     return R2GenMambaProcessor(image_processor=image_processor, tokenizer=tokenizer, num_views=preset.num_views)

@@ -79,6 +79,7 @@ class TrainingPreset:
     early_stopping_patience: int  # in evaluations
     image_size: int = 224
     train_flip: bool = True  # random horizontal flip in the train transform (R2Gen's augmentation)
+    train_crop: bool = True  # resize to 256/224 of the input size and random-crop (R2Gen's augmentation)
     eval_every_epochs: int = 1
     vision_model: str | None = None
     model: dict[str, Any] = field(default_factory=dict)
