@@ -176,7 +176,8 @@ def plot(rows: list[dict], path: str, backward: bool) -> None:
             # Linear-scaling guide from the smallest point.
             ax_time.loglog(tokens, [points[0][1] * t / tokens[0] for t in tokens], "k:", label="linear (from mamba)")
     what = "forward+backward" if backward else "forward (no_grad)"
-    ax_time.set(xlabel="tokens", ylabel="seconds", title=f"encoder {what}, batch 1, fp32 CPU")
+    threads = rows[0].get("threads", "?")
+    ax_time.set(xlabel="tokens", ylabel="seconds", title=f"encoder {what}, batch 1, fp32 CPU, {threads} thread(s)")
     ax_mem.set(xlabel="tokens", ylabel="peak RSS growth (MB)", title="peak memory")
     for ax in (ax_time, ax_mem):
         ax.grid(True, which="both", alpha=0.3)
@@ -197,7 +198,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             )
             if not point["peak_exact"]:
                 print("  (peak RSS mark could not be reset: peak_mb is a lower bound)", flush=True)
-            rows.append({key: point[key] for key in ("encoder", "tokens", "seconds", "peak_mb", "cpu_seconds")})
+            keys = ("encoder", "tokens", "seconds", "peak_mb", "cpu_seconds", "threads")
+            rows.append({key: point[key] for key in keys})
 
     by_key = {(r["encoder"], r["tokens"]): r["seconds"] for r in rows}
     low, high = min(args.tokens), max(args.tokens)
