@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--skip-empty-reports", action="store_true", help="drop records with an empty report")
     data.add_argument("--demo-studies", type=int, help="studies in the generated synthetic set (demo)")
     data.add_argument("--num-workers", type=int, default=0, help="dataloader worker processes")
+    data.add_argument(
+        "--cpu-threads", type=int, help="torch threads on a CPU-only machine (demo: 1; OMP_NUM_THREADS wins)"
+    )
 
     model = p.add_argument_group("model")
     model.add_argument("--model-name-or-path", help="fine-tune an existing R2Gen-Mamba folder/Hub id (its processor)")
@@ -123,6 +126,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _has_accelerator() -> bool:
+    return torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+
+
 def resolve_preset(args: argparse.Namespace) -> TrainingPreset:
     preset = PRESETS[args.preset].override(
         dataset_name=args.dataset_name,
@@ -144,6 +151,7 @@ def resolve_preset(args: argparse.Namespace) -> TrainingPreset:
         eval_every_epochs=args.eval_every_epochs,
         train_crop=args.train_crop,
         train_flip=args.train_flip,
+        cpu_threads=args.cpu_threads,
         vision_model=args.vision_model,
         demo_num_studies=args.demo_studies,
     )
@@ -238,7 +246,7 @@ def build_training_arguments(
     if eval_strategy == "steps" and not eval_steps:
         eval_steps = preset.eval_every_epochs * steps_per_epoch
     evaluating = eval_strategy != "no"
-    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    has_accelerator = _has_accelerator()
 
     if evaluating:
         # The best model is chosen at validations, so checkpoints go with them (save_steps a multiple of eval_steps).
@@ -307,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = args.output_dir or os.path.join("outputs", preset.name)
     logging.set_verbosity_info()
     logging.enable_explicit_format()
+    if preset.cpu_threads and not _has_accelerator() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(preset.cpu_threads)
     start = time.time()
 
     if (

@@ -82,6 +82,9 @@ class TrainingPreset:
     train_crop: bool = True  # resize to 256/224 of the input size and random-crop (R2Gen's augmentation)
     eval_every_epochs: int = 1
     vision_model: str | None = None
+    # Intra-op threads of a CPU-only run when OMP_NUM_THREADS is not set (None: PyTorch's default). Small models gain
+    # little from several threads, and on a shared machine their spin-waiting slows a run down many times.
+    cpu_threads: int | None = None
     model: dict[str, Any] = field(default_factory=dict)
     # Demo only: the synthetic set written into the output folder when no annotation is given.
     demo_num_studies: int = 0
@@ -157,6 +160,7 @@ DEMO = replace(
     train_crop=False,
     eval_every_epochs=5,
     vision_model=None,
+    cpu_threads=1,
     model=dict(
         vision_config=dict(
             num_channels=3,
