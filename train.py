@@ -1,10 +1,11 @@
 """Train R2Gen-Mamba with the Hugging Face `Seq2SeqTrainer`.
 
-    python train.py                                    # demo: synthetic data, small model, ~minutes on a CPU
-    python train.py --preset iu_xray --annotation data/iu_xray/annotation.json --image-dir data/iu_xray/images \
-        --vision-model microsoft/resnet-101 --output-dir outputs/iu_xray
-    torchrun --nproc_per_node 8 train.py --preset mimic_cxr --annotation ... --image-dir ...   # DDP
-    accelerate launch --config_file fsdp.yaml train.py --preset mimic_cxr ...                # FSDP / DeepSpeed
+    python train.py                       # demo: synthetic data generated on the fly, small model, minutes on a CPU
+    python train.py --preset iu_xray --annotation data/iu_xray/annotation.json --image-dir NLMCXR_png
+    python train.py --preset mimic_cxr --annotation data/mimic_cxr/annotation.json --image-dir mimic-cxr-jpg/2.1.0
+    torchrun --nproc_per_node 8 train.py --preset mimic_cxr ...                # DDP (CPU-only machines: gloo)
+    accelerate launch --multi_gpu --num_processes 8 train.py --preset mimic_cxr ...
+    accelerate launch --config_file fsdp.yaml train.py --preset mimic_cxr ...  # FSDP / DeepSpeed configs
 
 Presets (`r2gen_mamba.training.PRESETS`) hold the paper recipe; every value can be overridden here. The run writes
 into `--output-dir`: checkpoints (each with its processor), the best model and processor (`from_pretrained`-able),
