@@ -6,9 +6,8 @@ then the `PreTrainedModel` classes. The math follows the official R2Gen / R2Gen-
 `docs/architecture.md` of the project); the parameter names are ours (the converter maps the official ones).
 
 Speed (generation and training): everything in the relational memory that does not depend on the memory is computed
-for all tokens at once, so only the memory path runs in the per-token loop; the 6 * num_layers MCLN MLPs, which all
-read the same memory, run their second layers as one batched matmul; generation decodes
-incrementally with a cache of self-attention keys/values, cross-attention keys/values and the memory state.
+for all tokens at once, so only the memory path runs in the per-token loop; generation decodes incrementally with a
+cache of self-attention keys/values, cross-attention keys/values and the memory state.
 """
 
 from __future__ import annotations
@@ -220,8 +219,9 @@ class R2GenConditionMLP(nn.Module):
 class R2GenConditionalLayerNorm(nn.Module):
     """Memory-driven conditional layer norm (MCLN): `(gamma + MLP_g(m_t)) * normalize(x) + beta + MLP_b(m_t)`.
 
-    The decoder normally passes precomputed offsets (`deltas`, see `R2GenMambaDecoder.condition_offsets`), computed
-    for all MCLNs at once; given the flattened `memory` instead, the module computes its own.
+    The 6 * num_layers MCLN MLPs all read the same memory, but running them as one concatenated / batched matmul did
+    not pay on CPU (measured at the paper size, batch 16 x 59 tokens, one thread: 0.92 s forward+backward as separate
+    matmuls, 1.33 s with the second layers batched; the same per generation step), so each MCLN runs its own.
     """
 
     def __init__(self, hidden_size: int, memory_size: int, eps: float) -> None:
@@ -232,18 +232,11 @@ class R2GenConditionalLayerNorm(nn.Module):
         self.mlp_beta = R2GenConditionMLP(memory_size, hidden_size)
         self.eps = eps
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        memory: torch.Tensor | None = None,
-        deltas: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Args: hidden_states `[batch, seq, hidden]`; memory `[batch, seq, slots*hidden]` or deltas (gamma and beta
-        offsets, each `[batch, seq, hidden]`)."""
-        if deltas is None:
-            deltas = (self.mlp_gamma(memory), self.mlp_beta(memory))
-        delta_gamma, delta_beta = deltas
-        return (self.gamma + delta_gamma) * r2gen_normalize(hidden_states, self.eps) + (self.beta + delta_beta)
+    def forward(self, hidden_states: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """Args: hidden_states `[batch, seq, hidden]`; memory `[batch, seq, slots*hidden]` (after each token)."""
+        gamma = self.gamma + self.mlp_gamma(memory)
+        beta = self.beta + self.mlp_beta(memory)
+        return gamma * r2gen_normalize(hidden_states, self.eps) + beta
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -355,8 +348,7 @@ class R2GenMambaCache:
 
     Holds, per decoder layer, the self-attention keys/values of the tokens seen so far and the cross-attention
     keys/values of the encoder output (computed once), plus the relational memory after the last token and the
-    key-padding mask of the tokens seen so far. Under `torch.no_grad` it also keeps the stacked MCLN second-layer
-    weights of the batched matmul, so a generation step does not rebuild them.
+    key-padding mask of the tokens seen so far.
     """
 
     is_compileable = False
@@ -368,7 +360,6 @@ class R2GenMambaCache:
         self.cross_values: list[torch.Tensor | None] = [None] * num_layers
         self.memory: torch.Tensor | None = None  # [batch, slots, hidden]
         self.key_mask: torch.Tensor | None = None  # [batch, seen] bool
-        self.condition_weights: tuple[torch.Tensor, ...] | None = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Number of decoder tokens already processed."""
@@ -409,24 +400,23 @@ class R2GenMambaDecoderLayer(nn.Module):
             self.ffn_norm = R2GenLayerNorm(hidden, eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def _norm(self, norm: nn.Module, hidden_states: torch.Tensor, deltas) -> torch.Tensor:
-        return norm(hidden_states) if deltas is None else norm(hidden_states, deltas=deltas)
+    def _norm(self, norm: nn.Module, hidden_states: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+        return norm(hidden_states) if memory is None else norm(hidden_states, memory)
 
     def forward(
         self,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         self_attn_mask: torch.Tensor | None,
-        norm_deltas: list[tuple[torch.Tensor, torch.Tensor]] | None,
+        memory: torch.Tensor | None,
         cache: R2GenMambaCache | None,
         layer_idx: int,
     ) -> torch.Tensor:
         """Args: hidden_states `[batch, seq, hidden]` (new tokens only when a cache holds the earlier ones);
         encoder_hidden_states `[batch, tokens, hidden]`; self_attn_mask boolean `[batch, 1, seq, seen + seq]` or
-        None; norm_deltas: three (gamma, beta) offsets `[batch, seq, hidden]` for MCLN, or None."""
-        deltas = norm_deltas or (None, None, None)
+        None; memory: the relational memory after each token `[batch, seq, slots*hidden]` for MCLN, or None."""
 
-        normed = self._norm(self.self_attn_norm, hidden_states, deltas[0])
+        normed = self._norm(self.self_attn_norm, hidden_states, memory)
         key = self.self_attn.split_heads(self.self_attn.k_proj(normed))
         value = self.self_attn.split_heads(self.self_attn.v_proj(normed))
         if cache is not None:
@@ -443,10 +433,10 @@ class R2GenMambaDecoderLayer(nn.Module):
             value = self.cross_attn.split_heads(self.cross_attn.v_proj(encoder_hidden_states))
             if cache is not None:
                 cache.cross_keys[layer_idx], cache.cross_values[layer_idx] = key, value
-        normed = self._norm(self.cross_attn_norm, hidden_states, deltas[1])
+        normed = self._norm(self.cross_attn_norm, hidden_states, memory)
         hidden_states = hidden_states + self.dropout(self.cross_attn.attend(normed, key, value))
 
-        normed = self._norm(self.ffn_norm, hidden_states, deltas[2])
+        normed = self._norm(self.ffn_norm, hidden_states, memory)
         return hidden_states + self.dropout(self.feed_forward(normed))
 
 
@@ -472,43 +462,6 @@ class R2GenMambaDecoder(nn.Module):
         self.layers = nn.ModuleList([R2GenMambaDecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.norm = R2GenLayerNorm(config.hidden_size, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
-
-    def conditional_norms(self) -> list[R2GenConditionalLayerNorm]:
-        """The MCLNs in order (layer 0 self/cross/ffn, layer 1 ...); empty without MCLN."""
-        if not self.config.use_mcln:
-            return []
-        norms = ("self_attn_norm", "cross_attn_norm", "ffn_norm")
-        return [getattr(layer, name) for layer in self.layers for name in norms]
-
-    def condition_weights(self) -> tuple[list[nn.Linear], torch.Tensor, torch.Tensor]:
-        """The MCLN MLPs' first layers (gamma then beta of each MCLN, n = 6 * num_layers of them) and their second
-        layers stacked at call time from the separate parameters (gradients flow back to them): weight
-        `[n, hidden, hidden]`, bias `[n, hidden]`."""
-        mlps = [mlp for norm in self.conditional_norms() for mlp in (norm.mlp_gamma, norm.mlp_beta)]
-        return (
-            [mlp.fc1 for mlp in mlps],
-            torch.stack([mlp.fc2.weight for mlp in mlps]),
-            torch.stack([mlp.fc2.bias for mlp in mlps]),
-        )
-
-    def condition_offsets(
-        self, memory: torch.Tensor, weights: tuple[list[nn.Linear], torch.Tensor, torch.Tensor]
-    ) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Gamma/beta offsets of every MCLN from the flattened memory `[batch, seq, slots*hidden]`, all second layers
-        in one batched matmul. Returns per layer three (gamma, beta) pairs, each `[batch, seq, hidden]`.
-
-        Measured on the 2-core CPU (paper size, 18 MLPs): the batched second layers beat 18 matmuls (180 vs 410 ms at
-        batch 16 x 59 tokens); one matmul over the concatenated first-layer weights did not pay (same time for
-        training batches, 14 vs 9 ms per generation step at 12 rows), so the first layers stay separate matmuls on
-        the shared memory."""
-        first_layers, fc2_weight, fc2_bias = weights
-        batch, seq_len, _ = memory.shape
-        memory = memory.reshape(batch * seq_len, -1)
-        hidden = torch.stack([F.relu(fc1(memory)) for fc1 in first_layers])  # [n, batch*seq, hidden]
-        offsets = torch.baddbmm(fc2_bias.unsqueeze(1), hidden, fc2_weight.transpose(1, 2))  # [n, batch*seq, hidden]
-        offsets = offsets.view(len(first_layers), batch, seq_len, self.hidden_size)
-        pairs = [(offsets[i], offsets[i + 1]) for i in range(0, len(first_layers), 2)]
-        return [pairs[3 * layer : 3 * layer + 3] for layer in range(len(self.layers))]
 
     def forward(
         self,
@@ -539,7 +492,7 @@ class R2GenMambaDecoder(nn.Module):
         # The official decoder embeds the tokens twice (memory input, layer input): two independent dropout masks.
         hidden_states = self.dropout(embeddings)
 
-        norm_deltas = None
+        memory_per_token = None
         if self.relational_memory is not None:
             if cache is not None and cache.memory is not None:
                 memory = cache.memory
@@ -548,17 +501,11 @@ class R2GenMambaDecoder(nn.Module):
             memories = self.relational_memory(self.dropout(embeddings), memory)  # [batch, seq, slots, hidden]
             if cache is not None:
                 cache.memory = memories[:, -1]
-            weights = cache.condition_weights if cache is not None else None
-            if weights is None:
-                weights = self.condition_weights()
-                if cache is not None and not torch.is_grad_enabled():
-                    cache.condition_weights = weights
-            norm_deltas = self.condition_offsets(memories.flatten(2), weights)
+            memory_per_token = memories.flatten(2)  # [batch, seq, slots*hidden]
 
         self_attn_mask = self._self_attention_mask(input_ids, attention_mask, cache, past)
         for idx, layer in enumerate(self.layers):
-            layer_deltas = norm_deltas[idx] if norm_deltas is not None else None
-            hidden_states = layer(hidden_states, encoder_hidden_states, self_attn_mask, layer_deltas, cache, idx)
+            hidden_states = layer(hidden_states, encoder_hidden_states, self_attn_mask, memory_per_token, cache, idx)
         return self.norm(hidden_states)
 
     def _self_attention_mask(
