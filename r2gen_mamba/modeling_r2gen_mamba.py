@@ -757,9 +757,10 @@ class R2GenMambaModel(R2GenMambaPreTrainedModel):
         logger.info(f"Loaded visual extractor weights from {name_or_path}")
 
 
-# The published decoding setup (architecture.md): beam 3, 60 tokens (IU X-Ray); the official beam search ranks
-# finished beams by summed log-prob, i.e. no length penalty.
-GENERATION_DEFAULTS = {"num_beams": 3, "max_length": 60, "length_penalty": 0.0}
+# The published decoding setup (architecture.md): beam 3, up to 60 tokens after the start token (IU X-Ray); the
+# official beam search ranks finished beams by summed log-prob, i.e. no length penalty. `max_length` counts the start
+# token, hence 61 (checked against the official decoder by the converter's parity run).
+GENERATION_DEFAULTS = {"num_beams": 3, "max_length": 61, "length_penalty": 0.0}
 
 
 class R2GenMambaForConditionalGeneration(R2GenMambaPreTrainedModel, GenerationMixin):

@@ -302,9 +302,11 @@ def configure_generation(model: nn.Module, num_beams: int, max_length: int) -> N
 
     The model's default is R2Gen's beam search without length penalty (`length_penalty=0.0`); greedy decoding
     (`num_beams=1`) has no length penalty, so it is unset there (a `GenerationConfig` refuses the combination).
+    `max_length` is R2Gen's `max_seq_length`: the official decoder emits up to that many tokens after the start token,
+    and `GenerationConfig.max_length` counts the start token, hence `max_length + 1`.
     """
     model.generation_config.num_beams = num_beams
-    model.generation_config.max_length = max_length
+    model.generation_config.max_length = max_length + 1
     if num_beams == 1:
         model.generation_config.length_penalty = None
 

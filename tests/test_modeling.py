@@ -377,7 +377,7 @@ def test_save_load_reproduces_outputs_and_auto_classes_load(tmp_path):
         assert type(loaded) is R2GenMambaForConditionalGeneration
         out = loaded.eval()(pixel_values=pixel_values, labels=labels)
         assert torch.equal(out.logits, expected.logits) and torch.equal(out.loss, expected.loss)
-        assert loaded.generation_config.num_beams == 3 and loaded.generation_config.max_length == 60
+        assert loaded.generation_config.num_beams == 3 and loaded.generation_config.max_length == 61
     base = AutoModel.from_pretrained(tmp_path)
     assert type(base) is R2GenMambaModel
     torch.testing.assert_close(
@@ -490,7 +490,7 @@ def test_generation_modes_produce_valid_ids():
     model = tiny_model()
     config = model.config
     pixel_values = tiny_pixel_values(config, batch_size=2)
-    assert model.generation_config.num_beams == 3 and model.generation_config.max_length == 60
+    assert model.generation_config.num_beams == 3 and model.generation_config.max_length == 61
     assert {model.generation_config.bos_token_id, model.generation_config.eos_token_id} == {0}
     assert {model.generation_config.pad_token_id, model.generation_config.decoder_start_token_id} == {0}
     outputs = {

@@ -394,7 +394,8 @@ def test_train_py_end_to_end_saves_reloads_and_generates(tiny_data, tmp_path):
         R2GenMambaProcessor.from_pretrained(folder)
     model = R2GenMambaForConditionalGeneration.from_pretrained(output_dir).eval()
     processor = R2GenMambaProcessor.from_pretrained(output_dir)
-    assert model.generation_config.num_beams == 2 and model.generation_config.max_length == 20
+    # --max-length 20 is R2Gen's max_seq_length; the generation config counts the start token too.
+    assert model.generation_config.num_beams == 2 and model.generation_config.max_length == 21
     test = load_annotation_dataset(tiny_data)["test"]
     inputs = processor(images=[list(test[0]["image_paths"])], return_tensors="pt")
     with torch.no_grad():
