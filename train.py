@@ -280,7 +280,7 @@ def build_training_arguments(
         greater_is_better=True if evaluating else None,
         predict_with_generate=True,
         generation_num_beams=preset.num_beams,
-        generation_max_length=preset.max_length,
+        generation_max_length=preset.max_length + 1,  # counts the start token (see configure_generation)
         logging_steps=args.logging_steps,
         logging_first_step=True,
         report_to=args.report_to,
