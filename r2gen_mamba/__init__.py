@@ -18,6 +18,7 @@ from .modeling_r2gen_mamba import (
     R2GenMambaForConditionalGeneration,
     R2GenMambaModel,
     R2GenMambaPreTrainedModel,
+    R2GenSoftTrigramPenaltyLogitsProcessor,
 )
 
 # -- processing imports (processing) --

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel, ResNetModel
+from transformers import GenerationMixin, LogitsProcessor, PreTrainedModel, ResNetModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput, Seq2SeqModelOutput
 from transformers.utils import logging
@@ -870,6 +870,34 @@ class R2GenMambaForConditionalGeneration(R2GenMambaPreTrainedModel, GenerationMi
         return super().prepare_inputs_for_generation(input_ids, **kwargs)
 
 
+class R2GenSoftTrigramPenaltyLogitsProcessor(LogitsProcessor):
+    """The official greedy decoder's soft trigram block (R2Gen's `block_trigrams`, architecture.md "Generation").
+
+    With (a, b) the last two generated tokens, each earlier occurrence of a trigram (a, b, c) in the same sequence
+    lowers the score of c by `penalty` (R2Gen: 0.693 * 2). The decoder start token is not part of the trigrams. The
+    official code applies it to log-probs; for greedy decoding that is the same argmax as applying it to logits.
+    Official beam search applies no penalty, so use it with `num_beams=1`: `model.generate(..., num_beams=1,
+    logits_processor=LogitsProcessorList([R2GenSoftTrigramPenaltyLogitsProcessor()]))`.
+    """
+
+    def __init__(self, penalty: float = 0.693 * 2.0, num_start_tokens: int = 1) -> None:
+        self.penalty = penalty
+        self.num_start_tokens = num_start_tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        generated = input_ids[:, self.num_start_tokens :]  # [batch, generated]
+        length = generated.shape[1]
+        if length < 3:
+            return scores
+        # Earlier positions p whose two preceding tokens equal the last two tokens: the token at p gets penalised.
+        last_two = generated[:, -2:]  # [batch, 2]
+        matches = (generated[:, : length - 2] == last_two[:, :1]) & (generated[:, 1 : length - 1] == last_two[:, 1:])
+        followers = generated[:, 2:]  # [batch, generated - 2], the token after each candidate pair
+        penalty = torch.zeros_like(scores)
+        penalty.scatter_add_(1, followers, matches.to(scores.dtype) * self.penalty)
+        return scores - penalty
+
+
 __all__ = [
     "R2GenMambaCache",
     "R2GenMambaDecoder",
@@ -877,5 +905,6 @@ __all__ = [
     "R2GenMambaForConditionalGeneration",
     "R2GenMambaModel",
     "R2GenMambaPreTrainedModel",
+    "R2GenSoftTrigramPenaltyLogitsProcessor",
     "R2GenTransformerEncoder",
 ]

@@ -569,3 +569,72 @@ def test_full_size_parameter_counts():
     del model
     transformer = R2GenTransformerEncoder(R2GenMambaConfig(encoder_type="transformer").encoder_config)
     assert count(transformer) == 4_734_976
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The official greedy decoder's soft trigram penalty
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _trigram_penalty_loop(input_ids: torch.Tensor, scores: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Per-sequence loop, written from the rule: every earlier trigram (a, b, c) with (a, b) = the last two generated
+    tokens lowers c by `penalty`, once per occurrence (position 0, the start token, excluded)."""
+    scores = scores.clone()
+    for row, sequence in enumerate(input_ids[:, 1:].tolist()):
+        for p in range(2, len(sequence)):
+            if sequence[p - 2 : p] == sequence[-2:]:
+                scores[row, sequence[p]] -= penalty
+    return scores
+
+
+def test_soft_trigram_penalty_by_hand_and_against_a_loop():
+    from r2gen_mamba import R2GenSoftTrigramPenaltyLogitsProcessor
+
+    processor = R2GenSoftTrigramPenaltyLogitsProcessor()
+    # (5, 6) was followed by 7 and by 8 before, and the sequence ends in (5, 6): 7 and 8 each lose 0.693 * 2.
+    input_ids = torch.tensor([[0, 5, 6, 7, 5, 6, 8, 5, 6], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    scores = torch.zeros(2, 10)
+    out = processor(input_ids, scores)
+    expected = torch.zeros(2, 10)
+    expected[0, 7] = expected[0, 8] = -0.693 * 2
+    torch.testing.assert_close(out, expected)
+    # A trigram repeated twice is penalised twice; the start token never counts.
+    out = processor(torch.tensor([[0, 3, 3, 3, 3]]), torch.zeros(1, 5))
+    assert out[0, 3].item() == pytest.approx(-0.693 * 2 * 2)
+
+    generator = torch.Generator().manual_seed(0)
+    for length in (1, 2, 3, 5, 12, 30):
+        input_ids = torch.randint(0, 4, (6, length), generator=generator)
+        scores = torch.randn(6, 4, generator=generator)
+        torch.testing.assert_close(processor(input_ids, scores), _trigram_penalty_loop(input_ids, scores, 0.693 * 2))
+
+
+def test_soft_trigram_penalty_in_greedy_generation():
+    from transformers import LogitsProcessorList
+
+    from r2gen_mamba import R2GenSoftTrigramPenaltyLogitsProcessor
+
+    config = tiny_config()
+    model = R2GenMambaForConditionalGeneration(config).eval()
+    pixel_values = tiny_pixel_values(config)
+    with torch.no_grad():
+        out = model.generate(
+            pixel_values=pixel_values,
+            num_beams=1,
+            length_penalty=None,
+            max_length=20,
+            logits_processor=LogitsProcessorList([R2GenSoftTrigramPenaltyLogitsProcessor()]),
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    # Each step's processed scores equal the raw step logits minus the loop's penalty on the prefix so far.
+    with torch.no_grad():
+        full = model(pixel_values=pixel_values, decoder_input_ids=out.sequences[:, :-1]).logits
+    penalised_steps = 0
+    for step, processed in enumerate(out.scores):
+        prefix = out.sequences[:, : step + 1]
+        expected = _trigram_penalty_loop(prefix, full[:, step], 0.693 * 2)
+        alive = (prefix[:, 1:] != 0).all(dim=1)  # rows that already ended are padded, not decoded
+        torch.testing.assert_close(processed[alive], expected[alive], atol=1e-5, rtol=1e-5)
+        penalised_steps += int((expected[alive] != full[alive, step]).any())
+    assert penalised_steps > 0, "the untrained model repeated no trigram: the check above tested nothing"
