@@ -134,25 +134,18 @@ MIMIC_CXR = replace(
 # Small enough to train from scratch on 2 CPU cores in minutes on the synthetic set (r2gen_mamba.synthetic, 400
 # studies at 64 px): a 4-stage basic-block ResNet with few channels, d_model 128, a 2-layer residual Mamba encoder,
 # 2 decoder layers. Tuned by measurement (see the README): without the random crop and with the 2-layer encoder the
-# model learns the side of an effusion; with R2Gen's crop it names findings but not their side.
+# model learns the side of an effusion; with R2Gen's crop it names findings but not their side. Fields not set here
+# (dataset_name, num_views, max_length, weight decay, lr_gamma, clip_value, seed, patience) are IU X-Ray's.
 DEMO = replace(
     IU_XRAY,
     name="demo",
-    dataset_name="iu_xray",
-    num_views=2,
-    max_length=60,
     threshold=1,
     epochs=15,
     batch_size=8,
     lr_visual=1e-3,
     lr_rest=1e-3,
-    weight_decay=5e-5,
     lr_step_size=12,
-    lr_gamma=0.1,
-    clip_value=0.1,
     num_beams=1,
-    seed=9223,
-    early_stopping_patience=50,
     image_size=64,
     # The synthetic reports name the side of an effusion, which a horizontal flip would swap; the random crop shifts
     # the lungs by up to 1/7 of the image, which the patch tokens (no position embedding) cannot undo.
