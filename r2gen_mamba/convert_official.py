@@ -18,7 +18,6 @@ too, to `encoder_type="transformer"`.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import pickle
 import re
@@ -32,6 +31,7 @@ from transformers import GenerationConfig
 from transformers.utils import logging
 
 from .configuration_r2gen_mamba import R2GenMambaConfig, R2GenMambaEncoderConfig, resnet101_config
+from .modeling_r2gen_mamba import R2GenMambaForConditionalGeneration, sinusoidal_positions
 
 logger = logging.get_logger(__name__)
 
@@ -212,13 +212,9 @@ def hf_to_official_key(key: str) -> str | None:
 
 
 def sinusoidal_position_table(num_positions: int, dim: int) -> torch.Tensor:
-    """The fixed sinusoidal table of the Transformer (sin on even, cos on odd dims), `[num_positions, dim]`, fp32."""
-    position = torch.arange(num_positions, dtype=torch.float32).unsqueeze(1)
-    inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * -(math.log(10000.0) / dim))
-    table = torch.zeros(num_positions, dim)
-    table[:, 0::2] = torch.sin(position * inv_freq)
-    table[:, 1::2] = torch.cos(position * inv_freq)
-    return table
+    """The fixed sinusoidal table of the Transformer (sin on even, cos on odd dims), `[num_positions, dim]`, fp32:
+    the decoder's own `sinusoidal_positions` for positions 0..num_positions-1."""
+    return sinusoidal_positions(torch.arange(num_positions), dim)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -393,8 +389,6 @@ def _count_layers(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
 
 
 def _expected_shapes(config: R2GenMambaConfig) -> dict[str, torch.Size]:
-    from .modeling_r2gen_mamba import R2GenMambaForConditionalGeneration
-
     # Shapes only: build on the meta device (no memory, no init cost).
     with torch.device("meta"):
         model = R2GenMambaForConditionalGeneration(config)
@@ -526,8 +520,6 @@ def convert_checkpoint(
     processor = _build_processor(annotation, dataset, threshold, max_length, config) if annotation else None
     if processor is None:
         logger.warning("No --annotation given: the folder has no tokenizer/processor (vocabulary size unchecked).")
-
-    from .modeling_r2gen_mamba import R2GenMambaForConditionalGeneration
 
     model = R2GenMambaForConditionalGeneration(config)
     model.load_state_dict(state_dict, strict=True)
