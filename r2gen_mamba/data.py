@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from transformers.utils import logging
 
-from .processing_r2gen_mamba import R2GenMambaImageTransform, R2GenMambaProcessor
+from .processing_r2gen_mamba import R2GenMambaImageTransform, R2GenMambaProcessor, _is_dicom_file
 
 logger = logging.get_logger(__name__)
 
@@ -408,7 +408,8 @@ def _check_file(source: str | Mapping[str, Any], decode: bool) -> str | None:
     if not path.is_file():
         return "missing"
     try:
-        if path.suffix.lower() == ".dcm":
+        # The loader's own test (`.dcm`/`.dicom` or a DICM header), so that check and loading agree.
+        if _is_dicom_file(str(path)):
             import pydicom
 
             dataset = pydicom.dcmread(path)

@@ -383,3 +383,13 @@ def test_mixed_field_types_and_duplicate_ids(tmp_path, caplog):
         with pytest.raises(AnnotationError, match=r"bad\.json split 'train': cannot build a table"):
             load_annotation_dataset(path)
     assert "1 duplicate id(s): 'a' (train and train)" in caplog.text
+
+
+def test_check_images_detects_dicom_as_the_loader_does(tmp_path):
+    # `load_image` reads `.dicom` files and files with a DICM header whatever their name; the check must too.
+    for name in ("a.dicom", "b.img"):
+        _dicom(tmp_path / name, 100)
+    dataset = datasets.Dataset.from_dict(
+        {"id": ["s0"], "image_paths": [[str(tmp_path / "a.dicom"), str(tmp_path / "b.img")]], "report": ["x"]}
+    )
+    assert check_images(dataset, decode=True) is dataset
