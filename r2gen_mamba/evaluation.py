@@ -241,16 +241,15 @@ def format_table(metrics: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def r2gen_references(processor, reports: Sequence[str]) -> list[str]:
-    """References as R2Gen scores them: encoded by the tokenizer (cleaned, cut to its max length) and decoded."""
-    labels = processor(text=list(reports), return_tensors=None)["labels"]
-    labels = [[token if token >= 0 else 0 for token in row] for row in labels]
-    return processor.batch_decode(labels, skip_special_tokens=True)
-
-
 def generate_predictions(args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
     """Generate a report for each study of `--annotation`'s `--split` with `--model`; returns ids, refs, generated."""
-    from .generation_cli import check_studies, generate_reports, load_pipeline, studies_from_annotation
+    from .generation_cli import (
+        check_studies,
+        generate_reports,
+        load_pipeline,
+        r2gen_reference,
+        studies_from_annotation,
+    )
 
     studies = studies_from_annotation(args.annotation, args.image_dir, args.split)
     if not studies:
@@ -264,7 +263,7 @@ def generate_predictions(args: argparse.Namespace) -> tuple[list[str], list[str]
     rows = generate_reports(pipe, studies, args.batch_size, **generate_kwargs)
     references = [s.reference for s in studies]
     if not args.raw_references:
-        references = r2gen_references(pipe.processor, references)
+        references = [r2gen_reference(pipe.processor, s.reference, s.id) for s in studies]
     return [r["id"] for r in rows], references, [r["generated"] for r in rows]
 
 
