@@ -31,7 +31,7 @@ from transformers import GenerationConfig
 from transformers.utils import logging
 
 from .configuration_r2gen_mamba import R2GenMambaConfig, R2GenMambaEncoderConfig, resnet101_config
-from .modeling_r2gen_mamba import R2GenMambaForConditionalGeneration, sinusoidal_positions
+from .modeling_r2gen_mamba import GENERATION_DEFAULTS, R2GenMambaForConditionalGeneration, sinusoidal_positions
 
 logger = logging.get_logger(__name__)
 
@@ -471,15 +471,14 @@ def official_state_dict_from_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[
 
 
 def generation_config_for(max_length: int) -> GenerationConfig:
-    """Official decoding: beam 3, summed log-prob ranking (no length penalty), up to `max_length` tokens.
+    """Official decoding (the model's `GENERATION_DEFAULTS`: beam 3, summed log-prob ranking, no length penalty), up
+    to `max_length` tokens.
 
     The official decoder emits up to `max_seq_length` tokens after the start token; `GenerationConfig.max_length`
     counts the start token too, hence `max_length + 1`.
     """
     return GenerationConfig(
-        num_beams=3,
-        max_length=max_length + 1,
-        length_penalty=0.0,
+        **{**GENERATION_DEFAULTS, "max_length": max_length + 1},
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
