@@ -301,11 +301,10 @@ def _normalise(
     if len(kinds) > 1:
         raise ValueError(f"{source}: image columns {image_columns} mix Image features and path strings")
     kind = kinds.pop()
-    for column in image_columns:
-        if kind == "image":
-            feature = dataset.features[column]
+    if kind == "image":
+        for column in image_columns:
             target = datasets.Image(decode=False)
-            if not isinstance(feature, datasets.Image):
+            if not isinstance(dataset.features[column], datasets.Image):
                 target = datasets.List(target)
             dataset = dataset.cast_column(column, target)
 
