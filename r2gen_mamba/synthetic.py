@@ -69,6 +69,7 @@ SENTENCES: dict[str, list[str]] = {
 # ----------------------------------------------------------------------------------------------------------------
 
 _NEGATION = re.compile(r"\b(no|without|negative for|free of|not)\b")
+_CARDIOMEGALY_KEYWORDS = ("cardiomegaly", "heart is enlarged", "silhouette is enlarged", "enlarged heart")
 
 
 def _sentences(text: str) -> list[str]:
@@ -93,9 +94,7 @@ def parse_findings(text: str) -> set[str]:
     """
     found: set[str] = set()
     for sentence in _sentences(text):
-        if any(_positive(sentence, k) for k in ("cardiomegaly", "heart is enlarged", "silhouette is enlarged")):
-            found.add("cardiomegaly")
-        if _positive(sentence, "enlarged heart"):
+        if any(_positive(sentence, k) for k in _CARDIOMEGALY_KEYWORDS):
             found.add("cardiomegaly")
         if _positive(sentence, "pneumothorax"):
             found.add("pneumothorax")
@@ -141,6 +140,15 @@ def _pick(rng: np.random.Generator, slot: str) -> str:
     return options[1 + int(rng.integers(len(options) - 1))]
 
 
+# (left effusion, right effusion) -> report slot.
+_EFFUSION_SLOT = {
+    (False, False): "no_effusion",
+    (True, False): "left_effusion",
+    (False, True): "right_effusion",
+    (True, True): "both_effusions",
+}
+
+
 def make_report(findings: Iterable[str], rng: np.random.Generator) -> str:
     """A findings-section report naming each present finding and the normal sentence for each absent one."""
     findings = set(findings)
@@ -154,10 +162,7 @@ def make_report(findings: Iterable[str], rng: np.random.Generator) -> str:
     if not (left or right or pneumothorax) and rng.random() < MAIN_PHRASING_PROBABILITY:
         sentences.append(_pick(rng, "no_effusion_no_pneumothorax"))
     else:
-        effusion_slot = {(False, False): "no_effusion", (True, False): "left_effusion"}.get((left, right))
-        if effusion_slot is None:
-            effusion_slot = "right_effusion" if not left else "both_effusions"
-        sentences.append(_pick(rng, effusion_slot))
+        sentences.append(_pick(rng, _EFFUSION_SLOT[left, right]))
         sentences.append(_pick(rng, "pneumothorax" if pneumothorax else "no_pneumothorax"))
     return " ".join(sentences)
 
