@@ -237,15 +237,9 @@ def build_model(preset: TrainingPreset, vocab_size: int) -> R2GenMambaForConditi
 def build_training_arguments(
     args: argparse.Namespace, preset: TrainingPreset, output_dir: str, steps_per_epoch: int
 ) -> Seq2SeqTrainingArguments:
-    eval_strategy = args.eval_strategy or ("steps" if args.eval_steps else None)
-    eval_steps = args.eval_steps
-    if eval_strategy is None:
-        if preset.eval_every_epochs == 1:
-            eval_strategy = "epoch"
-        else:
-            eval_strategy, eval_steps = "steps", preset.eval_every_epochs * steps_per_epoch
-    if eval_strategy == "steps" and not eval_steps:
-        eval_steps = preset.eval_every_epochs * steps_per_epoch
+    # Validate every `eval_every_epochs` epochs unless told otherwise; `--eval-steps` alone implies "steps".
+    eval_strategy = args.eval_strategy or ("steps" if args.eval_steps or preset.eval_every_epochs != 1 else "epoch")
+    eval_steps = args.eval_steps or preset.eval_every_epochs * steps_per_epoch
     evaluating = eval_strategy != "no"
     has_accelerator = _has_accelerator()
 
