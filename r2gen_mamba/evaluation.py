@@ -267,14 +267,6 @@ def generate_predictions(args: argparse.Namespace) -> tuple[list[str], list[str]
     return [r["id"] for r in rows], references, [r["generated"] for r in rows]
 
 
-def write_predictions_csv(path: str | os.PathLike, ids, references, generated) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "reference", "generated"])
-        writer.writerows(zip(ids, references, generated))
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Command
 # ---------------------------------------------------------------------------------------------------------------------
@@ -291,7 +283,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.model:
             ids, references, generated = generate_predictions(args)
+            from .training import write_predictions_csv
+
             args.predictions = args.predictions or f"{stem}_predictions.csv"
+            Path(args.predictions).parent.mkdir(parents=True, exist_ok=True)
             write_predictions_csv(args.predictions, ids, references, generated)
             print(f"wrote {len(ids)} predictions to {args.predictions}", file=sys.stderr)
         else:
