@@ -11,7 +11,7 @@
   the second as lateral; OpenI lists the PA image first in most reports). The first frontal and first lateral win.
 - Study id: the first image id without its last `-NNNN` part (`CXR2384_IM-0942-1001` -> `CXR2384_IM-0942`).
 - Dropped, with counts logged: reports without findings, reports without a frontal + lateral pair, reports whose
-  images are missing.
+  images are missing, and reports whose study id an earlier report (in file name order) already has.
 - Split: each IU report is one patient, so the patient-level split is a seeded shuffle of the studies cut 7:1:2.
 - Image layout: by default `image_path` holds the PNG names relative to `--images` (use `--images` as the image root
   at training time). `--image-output DIR` instead writes R2Gen's layout `DIR/<id>/0.png` (frontal) and `1.png`
