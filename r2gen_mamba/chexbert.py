@@ -299,7 +299,11 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
 
 
-def _prf(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _prf(y_true: np.ndarray, y_pred: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall and F1 of 0/1 arrays, counting along `axis` (0: per observation, 1: per report, None: all)."""
+    tp = (y_true & y_pred).sum(axis=axis)
+    fp = ((1 - y_true) & y_pred).sum(axis=axis)
+    fn = (y_true & (1 - y_pred)).sum(axis=axis)
     return _ratio(tp, tp + fp), _ratio(tp, tp + fn), _ratio(2 * tp, 2 * tp + fp + fn)
 
 
@@ -338,19 +342,13 @@ def compute_ce_metrics(
     y_true = binarize_labels(reference_labels[:, columns], uncertain)  # [num_reports, num_observations]
     y_pred = binarize_labels(generated_labels[:, columns], uncertain)
 
-    tp = (y_true & y_pred).sum(axis=0)  # per observation
-    fp = ((1 - y_true) & y_pred).sum(axis=0)
-    fn = (y_true & (1 - y_pred)).sum(axis=0)
-    per_p, per_r, per_f = _prf(tp, fp, fn)
+    per_p, per_r, per_f = _prf(y_true, y_pred, axis=0)
     if average == "macro":
         precision, recall, f1 = per_p.mean(), per_r.mean(), per_f.mean()
     elif average == "micro":
-        precision, recall, f1 = _prf(tp.sum(), fp.sum(), fn.sum())
+        precision, recall, f1 = _prf(y_true, y_pred, axis=None)
     else:
-        tp_r = (y_true & y_pred).sum(axis=1)  # per report
-        fp_r = ((1 - y_true) & y_pred).sum(axis=1)
-        fn_r = (y_true & (1 - y_pred)).sum(axis=1)
-        p_r, r_r, f_r = _prf(tp_r, fp_r, fn_r)
+        p_r, r_r, f_r = _prf(y_true, y_pred, axis=1)
         precision, recall, f1 = p_r.mean(), r_r.mean(), f_r.mean()
 
     per_observation = {
