@@ -47,11 +47,12 @@ def _discretization_inputs(
     delta_bias: torch.Tensor | None,
     delta_softplus: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """Casts to fp32 (as the kernel computes; fp64 stays fp64) and applies `delta_bias` / softplus."""
+    """Casts to fp32 (as the kernel computes; fp64 stays fp64) and applies `delta_bias` / softplus.
+    Token-major: u, delta `[batch, seq_len, d_inner]`, delta_bias `[d_inner]`."""
     dtype = torch.promote_types(u.dtype, torch.float32)
     u, delta, A, B, C = (t.to(dtype) for t in (u, delta, A, B, C))
     if delta_bias is not None:
-        delta = delta + delta_bias.to(dtype)[..., None]
+        delta = delta + delta_bias.to(dtype)
     if delta_softplus:
         delta = F.softplus(delta)
     return u, delta, A, B, C
@@ -60,9 +61,9 @@ def _discretization_inputs(
 def _skip_and_gate(
     y: torch.Tensor, u: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
-    """`y + D * u`, then `* silu(z)`, as the tail of `selective_scan_fn`. All `[batch, d_inner, seq_len]`."""
+    """`y + D * u`, then `* silu(z)`, as the tail of `selective_scan_fn`. All `[batch, seq_len, d_inner]`."""
     if D is not None:
-        y = y + u * D.to(y.dtype)[:, None]
+        y = torch.addcmul(y, u, D.to(y.dtype))
     if z is not None:
         y = y * F.silu(z.to(y.dtype))
     return y.to(dtype)
@@ -95,16 +96,18 @@ def selective_scan_ref(
         `[batch, d_inner, seq_len]` in the dtype of `u`.
     """
     dtype = u.dtype
+    # Token-major inside, as the shared helpers and the block's projections.
+    u, delta, B, C = (t.transpose(1, 2) for t in (u, delta, B, C))
     u, delta, A, B, C = _discretization_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
-    batch, d_inner, seq_len = u.shape
+    batch, seq_len, d_inner = u.shape
     state = u.new_zeros(batch, d_inner, A.shape[1])  # [batch, d_inner, d_state]
     outputs = []
     for t in range(seq_len):
-        decay = torch.exp(delta[:, :, t, None] * A)  # [batch, d_inner, d_state]
-        state = decay * state + (delta[:, :, t] * u[:, :, t])[:, :, None] * B[:, None, :, t]
-        outputs.append(torch.einsum("bdn,bn->bd", state, C[:, :, t]))
-    y = torch.stack(outputs, dim=-1)  # [batch, d_inner, seq_len]
-    return _skip_and_gate(y, u, D, z, dtype)
+        decay = torch.exp(delta[:, t, :, None] * A)  # [batch, d_inner, d_state]
+        state = decay * state + (delta[:, t] * u[:, t])[:, :, None] * B[:, t, None, :]
+        outputs.append(torch.einsum("bdn,bn->bd", state, C[:, t]))
+    y = torch.stack(outputs, dim=1)  # [batch, seq_len, d_inner]
+    return _skip_and_gate(y, u, D, None if z is None else z.transpose(1, 2), dtype).transpose(1, 2)
 
 
 def selective_scan_chunked(
@@ -186,12 +189,7 @@ def selective_scan_chunked_tokens(
         `[batch, seq_len, d_inner]` in the dtype of `u`.
     """
     dtype = u.dtype
-    compute_dtype = torch.promote_types(dtype, torch.float32)  # fp32 as the kernel; fp64 stays fp64
-    u, delta, A, B, C = (t.to(compute_dtype) for t in (u, delta, A, B, C))
-    if delta_bias is not None:
-        delta = delta + delta_bias.to(compute_dtype)
-    if delta_softplus:
-        delta = F.softplus(delta)
+    u, delta, A, B, C = _discretization_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
     batch, seq_len, d_inner = u.shape
     d_state = A.shape[1]
     chunk_size = chunk_size or default_chunk_size(seq_len, batch, d_inner, d_state)
@@ -244,11 +242,7 @@ def selective_scan_chunked_tokens(
         state = step(state, t)
         outputs.append(torch.einsum("bcdn,bcn->bcd", state, C_chunks[:, :, t]))
     y = torch.stack(outputs, dim=2).reshape(batch, num_chunks * chunk_size, d_inner)[:, :seq_len]
-    if D is not None:
-        y = torch.addcmul(y, u, D.to(compute_dtype))
-    if z is not None:
-        y = y * F.silu(z.to(compute_dtype))
-    return y.to(dtype)
+    return _skip_and_gate(y, u, D, z, dtype)
 
 
 class R2GenMambaBlock(nn.Module):
