@@ -31,6 +31,8 @@ from torch import nn
 from transformers import BertConfig, BertModel, BertTokenizer
 from transformers.utils import logging
 
+from .metrics.nlg import normalize_report
+
 logger = logging.get_logger(__name__)
 
 # Order of CheXbert's 14 linear heads (stanfordmlgroup/CheXbert, src/constants.py); "No Finding" is the 2-class head.
@@ -233,7 +235,7 @@ class CheXbertLabeler:
 
     def encode(self, reports: Sequence[str]) -> list[list[int]]:
         """Word-piece ids as CheXbert makes them: whitespace collapsed, [CLS] ... [SEP], at most 512 ids."""
-        texts = [" ".join(str(report).split()) for report in reports]
+        texts = [normalize_report(str(report)) for report in reports]
         return self.tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"]
 
     @torch.no_grad()
