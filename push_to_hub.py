@@ -53,8 +53,6 @@ def main(argv: list[str] | None = None, api: HfApi | None = None) -> int:
     def write(folder: str) -> Path:
         from transformers import AutoConfig
 
-        import r2gen_mamba  # noqa: F401  (registers the Auto classes)
-
         dataset = args.dataset or guess_dataset(AutoConfig.from_pretrained(args.model).num_views)
         return save_hub_folder(
             args.model,

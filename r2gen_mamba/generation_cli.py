@@ -70,8 +70,6 @@ def load_pipeline(
     """The report-generation pipeline for a model folder or Hub id (model + processor via the Auto classes)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import r2gen_mamba  # noqa: F401  (registers the Auto classes)
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = AutoModelForImageTextToText.from_pretrained(model, trust_remote_code=trust_remote_code)
     processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
