@@ -34,21 +34,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="a tiny model (checks the script, not a measurement)")
 
 
+def benchmark_config(tiny: bool, encoder_type: str = "mamba"):
+    """The paper config (IU X-Ray: 2 views, 224 px, 761-entry vocabulary), or a tiny one that only checks a script."""
+    from r2gen_mamba import R2GenMambaConfig, resnet101_config
+
+    if not tiny:
+        return R2GenMambaConfig(vocab_size=761, num_views=2, image_size=224, encoder_type=encoder_type)
+    vision = resnet101_config(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1])
+    return R2GenMambaConfig(
+        vision_config=vision, vocab_size=30, d_model=32, num_heads=4, d_ff=32, decoder_layers=2,
+        rm_num_slots=3, rm_num_heads=4, d_state=4, num_views=2, image_size=64, encoder_type=encoder_type,
+    )  # fmt: skip
+
+
 def build_model_and_batch(batch_size: int, encoder_type: str, tiny: bool, label_len: int = 60):
     import torch
 
-    from r2gen_mamba import R2GenMambaConfig, resnet101_config
     from r2gen_mamba.modeling_r2gen_mamba import R2GenMambaForConditionalGeneration
 
     torch.manual_seed(0)
-    if tiny:
-        vision = resnet101_config(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1])
-        config = R2GenMambaConfig(
-            vision_config=vision, vocab_size=30, d_model=32, num_heads=4, d_ff=32, decoder_layers=2,
-            rm_num_slots=3, rm_num_heads=4, d_state=4, num_views=2, image_size=64, encoder_type=encoder_type,
-        )  # fmt: skip
-    else:
-        config = R2GenMambaConfig(vocab_size=761, num_views=2, image_size=224, encoder_type=encoder_type)
+    config = benchmark_config(tiny, encoder_type)
     model = R2GenMambaForConditionalGeneration(config)
     size = config.image_size
     pixel_values = torch.randn(batch_size, config.num_views, 3, size, size)

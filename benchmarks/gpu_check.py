@@ -27,9 +27,13 @@ import traceback
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# The benchmark modules beside this file, and the repository root so an uninstalled checkout works too.
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]
 
-from r2gen_mamba import R2GenMambaConfig, mamba_block, resnet101_config  # noqa: E402
+from bench_train_step import benchmark_config  # noqa: E402
+
+from r2gen_mamba import R2GenMambaConfig, mamba_block  # noqa: E402
 from r2gen_mamba.mamba_block import R2GenMambaBlock  # noqa: E402
 from r2gen_mamba.modeling_r2gen_mamba import R2GenMambaForConditionalGeneration  # noqa: E402
 
@@ -106,25 +110,6 @@ def kernel_parity(device: torch.device, seq_lens: list[int], batch_size: int) ->
                     }
                 )
     return rows
-
-
-def paper_config(tiny: bool) -> R2GenMambaConfig:
-    if not tiny:
-        return R2GenMambaConfig(vocab_size=761, num_views=2, image_size=224)
-    vision = resnet101_config(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1])
-    return R2GenMambaConfig(
-        vision_config=vision,
-        vocab_size=30,
-        d_model=32,
-        num_heads=4,
-        d_ff=32,
-        decoder_layers=2,
-        rm_num_slots=3,
-        rm_num_heads=4,
-        d_state=4,
-        num_views=2,
-        image_size=64,
-    )
 
 
 def random_batch(config: R2GenMambaConfig, batch_size: int, device: torch.device, label_len: int = 60):
@@ -263,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             status = 1
 
     torch.manual_seed(0)
-    model = R2GenMambaForConditionalGeneration(paper_config(args.tiny)).to(device)
+    model = R2GenMambaForConditionalGeneration(benchmark_config(args.tiny)).to(device)
     measurements = [
         lambda: train_throughput(model, device, args.batch_size, args.train_steps, bf16=False),
         lambda: train_throughput(model, device, args.batch_size, args.train_steps, bf16=True),
