@@ -168,6 +168,25 @@ def _mixer_with_weights_of(block: R2GenMambaBlock) -> MambaMixer:
     return mixer.eval()
 
 
+def _assert_same_outputs_and_grads(
+    module: torch.nn.Module, other: torch.nn.Module, hidden: torch.Tensor, rtol: float, atol: float, param_rtol: float
+) -> torch.Tensor:
+    """Both modules (same parameter names) give the same output, input gradient and parameter gradients on
+    `hidden`; returns `module`'s output."""
+    hidden_a = hidden.clone().requires_grad_(True)
+    hidden_b = hidden.clone().requires_grad_(True)
+    out, expected = module(hidden_a), other(hidden_b)
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=atol)
+    cotangent = torch.randn_like(out)
+    (out * cotangent).sum().backward()
+    (expected * cotangent).sum().backward()
+    torch.testing.assert_close(hidden_a.grad, hidden_b.grad, rtol=rtol, atol=atol)
+    other_params = dict(other.named_parameters())
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(p.grad, other_params[name].grad, rtol=param_rtol, atol=atol, msg=name)
+    return out
+
+
 @pytest.mark.parametrize("d_model,d_state,seq_len,bias", [(32, 4, 1, False), (32, 4, 23, False), (48, 16, 70, True)])
 def test_block_matches_transformers_mamba_mixer(d_model, d_state, seq_len, bias):
     block = R2GenMambaBlock(d_model, d_state=d_state, bias=bias).eval()
@@ -176,21 +195,8 @@ def test_block_matches_transformers_mamba_mixer(d_model, d_state, seq_len, bias)
             p.add_(torch.randn_like(p) * 0.05)
     mixer = _mixer_with_weights_of(block)
     hidden = torch.randn(3, seq_len, d_model)
-
-    hidden_a = hidden.clone().requires_grad_(True)
-    out = block(hidden_a)
-    hidden_b = hidden.clone().requires_grad_(True)
-    expected = mixer(hidden_b)
+    out = _assert_same_outputs_and_grads(block, mixer, hidden, rtol=1e-5, atol=1e-5, param_rtol=1e-4)
     assert out.shape == (3, seq_len, d_model)
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-
-    cotangent = torch.randn_like(out)
-    (out * cotangent).sum().backward()
-    (expected * cotangent).sum().backward()
-    torch.testing.assert_close(hidden_a.grad, hidden_b.grad, rtol=1e-5, atol=1e-5)
-    mixer_params = dict(mixer.named_parameters())
-    for name, p in block.named_parameters():
-        torch.testing.assert_close(p.grad, mixer_params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_block_is_causal():
@@ -223,17 +229,7 @@ def test_kernel_path_matches_pytorch_path(seq_len):
     torch_block.load_state_dict(kernel_block.state_dict())
     assert kernel_block._use_kernel_path(torch.zeros(1, 1, 64, device="cuda"))
     hidden = torch.randn(2, seq_len, 64, device="cuda")
-    hidden_k = hidden.clone().requires_grad_(True)
-    hidden_t = hidden.clone().requires_grad_(True)
-    out_k, out_t = kernel_block(hidden_k), torch_block(hidden_t)
-    torch.testing.assert_close(out_k, out_t, rtol=6e-4, atol=2e-3)
-    cotangent = torch.randn_like(out_k)
-    (out_k * cotangent).sum().backward()
-    (out_t * cotangent).sum().backward()
-    torch.testing.assert_close(hidden_k.grad, hidden_t.grad, rtol=6e-4, atol=2e-3)
-    torch_params = dict(torch_block.named_parameters())
-    for name, p in kernel_block.named_parameters():
-        torch.testing.assert_close(p.grad, torch_params[name].grad, rtol=6e-4, atol=2e-3, msg=name)
+    _assert_same_outputs_and_grads(kernel_block, torch_block, hidden, rtol=6e-4, atol=2e-3, param_rtol=6e-4)
 
 
 def test_dt_rank_auto_is_ceil_d_model_over_16():
