@@ -75,7 +75,8 @@ class RadiologyReportGenerationPipeline(Pipeline):
 
     Output: `[{"generated_text": report}]` for one study (one entry per returned sequence), a list of those for a
     batch. Keyword arguments of the call (`num_beams`, `max_length`, `num_return_sequences`, ...) are passed to
-    `model.generate`, on top of the model's `generation_config` (beam 3, max length 60 for IU X-Ray).
+    `model.generate`, on top of the model's `generation_config` (beam 3, `max_length` 61 for IU X-Ray: the start
+    token and up to 60 more).
     """
 
     _load_processor = True
