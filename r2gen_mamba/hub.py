@@ -18,6 +18,7 @@ from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardD
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.utils import logging
 
+from .modeling_r2gen_mamba import GENERATION_DEFAULTS
 from .pipeline_r2gen_mamba import TASK, RadiologyReportGenerationPipeline
 
 logger = logging.get_logger(__name__)
@@ -150,8 +151,8 @@ def build_model_card(
         base_model=base_model if base_model and not os.path.exists(base_model) else None,
         eval_results=eval_results or None,
     )
-    num_beams = getattr(generation_config, "num_beams", None) or 3
-    max_length = getattr(generation_config, "max_length", None) or 60
+    num_beams = getattr(generation_config, "num_beams", None) or GENERATION_DEFAULTS["num_beams"]
+    max_length = getattr(generation_config, "max_length", None) or GENERATION_DEFAULTS["max_length"]
     example = "['frontal.png', 'lateral.png']" if config.num_views == 2 else "'frontal.dcm'"
     if config.encoder_type == "mamba":
         encoder = (
