@@ -104,8 +104,8 @@ class RadiologyReportGenerationPipeline(Pipeline):
 
     def preprocess(self, study: tuple[View, ...]) -> dict[str, torch.Tensor]:
         num_views = self.model.config.num_views
-        names = [_view_name(view, index) for index, view in enumerate(study)]
         if len(study) != num_views:
+            names = [_view_name(view, index) for index, view in enumerate(study)]
             raise ValueError(
                 f"this model expects {num_views} view(s) per study, got {len(study)}: {names}. "
                 "To run several studies at once pass a list of studies (a list of lists of images)."
