@@ -512,10 +512,13 @@ def convert_checkpoint(
         raise FileExistsError(f"{output} exists and is not empty; pass --overwrite to replace it")
 
     official = load_official_checkpoint(checkpoint, unsafe_load=unsafe_load)
-    config = infer_config(
-        official, num_views=num_views, num_heads=num_heads, rm_num_heads=rm_num_heads, image_size=image_size
-    )
-    state_dict = convert_state_dict(official, config)
+    try:
+        config = infer_config(
+            official, num_views=num_views, num_heads=num_heads, rm_num_heads=rm_num_heads, image_size=image_size
+        )
+        state_dict = convert_state_dict(official, config)
+    except ConversionError as error:  # the state-dict functions do not know the file: name it
+        raise ConversionError(f"{checkpoint}: {error}") from error
     processor = _build_processor(annotation, dataset, threshold, max_length, config) if annotation else None
     if processor is None:
         logger.warning("No --annotation given: the folder has no tokenizer/processor (vocabulary size unchecked).")

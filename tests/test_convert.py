@@ -333,8 +333,9 @@ def _convert(tmp_path, state_dict, annotation_words=None, **kwargs):
 def test_missing_key_is_named(tmp_path, source):
     _, official = source
     broken = {k: v for k, v in official.items() if k != "encoder_decoder.model.rm.W.weight"}
-    with pytest.raises(ConversionError, match=r"missing key encoder_decoder\.model\.rm\.W\.weight"):
+    with pytest.raises(ConversionError, match=r"missing key encoder_decoder\.model\.rm\.W\.weight") as error:
         _convert(tmp_path, broken)
+    assert str(error.value).startswith(f"{tmp_path / 'ckpt.pth'}: ")
     assert not os.path.exists(tmp_path / "out")
 
 
