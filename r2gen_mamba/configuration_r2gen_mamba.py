@@ -15,9 +15,6 @@ import math
 from typing import Any
 
 from transformers import PretrainedConfig, ResNetConfig
-from transformers.utils import logging
-
-logger = logging.get_logger(__name__)
 
 ENCODER_TYPES = ("mamba", "transformer")
 
