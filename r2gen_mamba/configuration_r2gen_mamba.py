@@ -146,7 +146,7 @@ class R2GenMambaDecoderConfig(PretrainedConfig):
     Args:
         vocab_size (`int`, defaults to 761): number of output classes = tokenizer size, i.e. the R2Gen vocabulary
             (760 tokens for IU X-Ray, ids 1..760) plus id 0 (shared bos/eos/pad).
-        hidden_size (`int`, defaults to 512): `d_model`.
+        hidden_size (`int`, defaults to 512): `d_model` (even: the sinusoidal positions pair sin and cos).
         num_hidden_layers (`int`, defaults to 3): decoder layers.
         num_attention_heads (`int`, defaults to 8): heads of self- and cross-attention.
         intermediate_size (`int`, defaults to 512): FFN width (`d_ff`).
@@ -210,6 +210,8 @@ class R2GenMambaDecoderConfig(PretrainedConfig):
                 raise ValueError(f"decoder {name} must be a positive integer, got {value!r}")
         if self.vocab_size < 2:
             raise ValueError(f"decoder vocab_size must be at least 2 (id 0 plus one token), got {self.vocab_size}")
+        if self.hidden_size % 2:
+            raise ValueError(f"decoder hidden_size must be even (sinusoidal positions), got {self.hidden_size}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"decoder hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "

@@ -446,8 +446,6 @@ class R2GenMambaDecoder(nn.Module):
 
     def __init__(self, config: R2GenMambaDecoderConfig, pad_token_id: int = 0) -> None:
         super().__init__()
-        if config.hidden_size % 2:
-            raise ValueError(f"decoder hidden_size must be even (sinusoidal positions), got {config.hidden_size}")
         self.config = config
         self.pad_token_id = pad_token_id
         self.hidden_size = config.hidden_size

@@ -91,6 +91,7 @@ def test_config_published_defaults():
         (dict(encoder_type="lstm"), "encoder_type"),
         (dict(use_relational_memory=False, use_mcln=True), "use_mcln"),
         (dict(num_heads=5), "divisible"),
+        (dict(d_model=33, num_heads=3, rm_num_heads=3), "must be even"),
         (dict(num_views=0), "num_views"),
         (dict(patch_dropout=1.0), "patch_dropout"),
         (dict(dropout=-0.1), "dropout"),
