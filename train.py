@@ -35,7 +35,6 @@ from r2gen_mamba.training import (
     ReportMetrics,
     TrainingPreset,
     configure_generation,
-    decode_reports,
     last_complete_checkpoint,
     num_update_steps_per_epoch,
     plot_training_curves,
@@ -391,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     compute_metrics.findings = test_set["findings"] if "findings" in test_set.column_names else None
     prediction = trainer.predict(test_set, metric_key_prefix="test")
     metrics = dict(prediction.metrics)
-    generated = decode_reports(processor, prediction.predictions)
-    references = decode_reports(processor, prediction.label_ids)
+    # Scoring the test set decoded both sides already.
+    generated, references = compute_metrics.last_predictions, compute_metrics.last_references
     trainer.log_metrics("test", metrics)
     trainer.save_metrics("test", metrics)
     if training_args.should_save:
