@@ -390,7 +390,7 @@ def test_cli_reports_errors_and_refuses_to_overwrite(tmp_path, source, capsys):
     output.mkdir()
     (output / "keep.txt").write_text("x")
     assert cli_main(cli_args(checkpoint, annotation, output)) == 1
-    assert "--overwrite" in capsys.readouterr().out
+    assert "--overwrite" in capsys.readouterr().err
     assert cli_main(cli_args(checkpoint, annotation, output, "--overwrite")) == 0
     assert not (output / "keep.txt").exists() and (output / "config.json").is_file()
 
