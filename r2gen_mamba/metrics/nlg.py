@@ -25,7 +25,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import threading
-import time
 from collections.abc import Sequence
 
 from transformers.utils import logging
@@ -181,7 +180,6 @@ def compute_nlg_metrics(
     references: Sequence[str] | Sequence[Sequence[str]],
     meteor: bool = True,
     meteor_timeout: float | None = None,
-    return_timings: bool = False,
 ) -> dict[str, float | str | None]:
     """BLEU-1..4, METEOR, ROUGE-L and CIDEr-D with pycocoevalcap, exactly as R2Gen computes them.
 
@@ -190,38 +188,19 @@ def compute_nlg_metrics(
         references: per study one reference string or a list of reference strings.
         meteor: set False to skip the (slowest, Java) METEOR metric; it is then `None`.
         meteor_timeout: see `meteor_score`.
-        return_timings: also return `time_<metric>_s` entries (seconds per metric).
 
     Returns:
         `{"bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider"}` (floats; `meteor`/`cider` may be
         None) and, when METEOR could not run, `"meteor_unavailable"` with the reason.
     """
     gts, res = build_coco_inputs(predictions, references)
-    result: dict[str, float | str | None] = {}
-    timings: dict[str, float] = {}
-
-    start = time.perf_counter()
-    result.update(bleu_scores(gts, res))
-    timings["time_bleu_s"] = time.perf_counter() - start
-
-    result["meteor"] = None
+    result: dict[str, float | str | None] = {**bleu_scores(gts, res), "meteor": None}
     if meteor:
-        start = time.perf_counter()
         try:
             result["meteor"] = meteor_score(gts, res, timeout=meteor_timeout)
         except MeteorUnavailableError as error:
             logger.warning(f"METEOR unavailable, reporting None: {error}")
             result["meteor_unavailable"] = str(error)
-        timings["time_meteor_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
     result["rouge_l"] = rouge_score(gts, res)
-    timings["time_rouge_s"] = time.perf_counter() - start
-
-    start = time.perf_counter()
     result["cider"] = cider_score(gts, res)
-    timings["time_cider_s"] = time.perf_counter() - start
-
-    if return_timings:
-        result.update(timings)
     return result
