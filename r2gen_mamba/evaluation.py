@@ -259,11 +259,12 @@ def generate_predictions(args: argparse.Namespace) -> tuple[list[str], list[str]
         raise ValueError(f"{args.annotation}: record(s) without a report in split {args.split!r}: {missing[:10]}")
     pipe = load_pipeline(args.model, args.device)
     check_studies(studies, pipe.model.config.num_views)
-    generate_kwargs = {k: v for k, v in (("num_beams", args.num_beams), ("max_length", args.max_length)) if v}
-    rows = generate_reports(pipe, studies, args.batch_size, **generate_kwargs)
+    # References first, as `r2gen-mamba generate` does: a report the tokenizer rejects fails before the generation.
     references = [s.reference for s in studies]
     if not args.raw_references:
         references = [r2gen_reference(pipe.processor, s.reference, s.id) for s in studies]
+    generate_kwargs = {k: v for k, v in (("num_beams", args.num_beams), ("max_length", args.max_length)) if v}
+    rows = generate_reports(pipe, studies, args.batch_size, **generate_kwargs)
     return [r["id"] for r in rows], references, [r["generated"] for r in rows]
 
 
