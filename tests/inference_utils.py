@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from r2gen_mamba import (
     R2GenMambaTokenizer,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 64
 REPORTS = [
     "The heart is normal in size. The lungs are clear. No pleural effusion.",
@@ -137,3 +140,11 @@ def reference_reports(
             ids = model.generate(pixel_values=pixel_values, **generate_kwargs)
         texts.append(processor.batch_decode(ids, skip_special_tokens=True)[0])
     return texts
+
+
+def load_push_to_hub_script() -> ModuleType:
+    """The repository's `push_to_hub.py` (a script beside the package, not importable by name) as a module."""
+    spec = importlib.util.spec_from_file_location("push_to_hub_script", ROOT / "push_to_hub.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -8,14 +8,13 @@ folder is the one the original model generates directly with the official decodi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import tiny_config
-from inference_utils import IMAGE_SIZE, REPORTS, write_study
+from inference_utils import IMAGE_SIZE, REPORTS, load_push_to_hub_script, write_study
 from transformers import pipeline
 
 from r2gen_mamba import R2GenMambaForConditionalGeneration, R2GenMambaProcessor, R2GenMambaTokenizer
@@ -26,15 +25,7 @@ from r2gen_mamba.convert_official import (
     sinusoidal_position_table,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 10  # report tokens after the start token (the official max_seq_length)
-
-
-def _push_to_hub_main():
-    spec = importlib.util.spec_from_file_location("push_to_hub_script", ROOT / "push_to_hub.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def _write_annotation(path: Path) -> Path:
@@ -75,7 +66,7 @@ def test_official_checkpoint_to_pipeline(tmp_path):
 
     hub_dir = tmp_path / "hub"
     push_argv = ["--model", str(converted), "--repo-id", "someone/r2gen-mamba-converted"]
-    assert _push_to_hub_main()([*push_argv, "--dry-run", "--output-dir", str(hub_dir)]) == 0
+    assert load_push_to_hub_script().main([*push_argv, "--dry-run", "--output-dir", str(hub_dir)]) == 0
 
     studies = [
         write_study(tmp_path / "images" / f"s{i}", kinds, i)

@@ -6,13 +6,12 @@ The Hub is unreachable from the test machines, so the upload goes to a stand-in 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 from huggingface_hub import CommitInfo, ModelCard, metadata_load
-from inference_utils import save_tiny_model
+from inference_utils import load_push_to_hub_script, save_tiny_model
 
 from r2gen_mamba.hub import REMOTE_CODE_FILES, REQUIRED_FILES, TAGS, read_eval_results
 
@@ -20,14 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METRICS = {"bleu_1": 0.4812, "bleu_2": 0.3101, "bleu_3": 0.2245, "bleu_4": 0.1707, "meteor": 0.1932, "rouge_l": 0.3651}
 
 
-def _load_script():
-    spec = importlib.util.spec_from_file_location("push_to_hub_script", ROOT / "push_to_hub.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-push_to_hub = _load_script()
+push_to_hub = load_push_to_hub_script()
 
 
 class RecordingHfApi:
