@@ -296,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
             references = clean_reports(references, args.clean)
             generated = clean_reports(generated, args.clean)
 
-        labeler = None
+        reference_labels = generated_labels = None
         if args.chexbert:
             from .chexbert import CheXbertLabeler
 
@@ -309,8 +309,6 @@ def run(args: argparse.Namespace) -> int:
                 device=args.device,
                 batch_size=args.chexbert_batch_size,
             )
-        reference_labels = generated_labels = None
-        if labeler is not None:
             reference_labels = labeler(references)
             generated_labels = labeler(generated)
         ce_options = {"uncertain": args.uncertain, "average": args.average, "observations": args.observations}
@@ -319,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
         metrics: dict = {"predictions": str(args.predictions), "num_studies": len(ids)}
         metrics.update(score(references, generated, reference_labels, generated_labels, ce_options, meteor))
         metrics["conventions"] = {"nlg": NLG_CONVENTION, "clean": args.clean}
-        if labeler is not None:
+        if args.chexbert:
             metrics["conventions"]["ce"] = metrics.pop("ce_conventions")
             metrics["conventions"]["chexbert"] = args.chexbert
 
@@ -337,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
             metrics["baseline_shuffled"] = {"seed": args.baseline_seed, **baseline}
 
         files = {}
-        if labeler is not None:
+        if args.chexbert:
             files["labels_csv"] = args.labels_csv or f"{stem}_labels.csv"
             write_labels_csv(files["labels_csv"], ids, reference_labels, generated_labels)
             files["plot"] = args.plot or f"{stem}_per_observation.png"
