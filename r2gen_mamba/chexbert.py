@@ -240,7 +240,8 @@ class CheXbertLabeler:
 
     @torch.no_grad()
     def __call__(self, reports: Sequence[str], show_progress: bool = True) -> np.ndarray:
-        """
+        """Label each report with CheXbert, in batches of `batch_size` reports of similar length.
+
         Args:
             reports: report texts; an empty report is labelled from [CLS][SEP] alone, as CheXbert does.
 
