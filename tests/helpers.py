@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from r2gen_mamba import R2GenMambaConfig, resnet101_config
@@ -42,3 +43,40 @@ def tiny_labels(config: R2GenMambaConfig, lengths=(7, 4), seed: int = 0) -> torc
         labels[row, :length] = torch.randint(1, config.vocab_size, (length,), generator=generator)
         labels[row, length] = 0
     return labels
+
+
+def write_dicom(
+    path,
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    slope: float | None = None,
+    intercept: float | None = None,
+    center: float | None = None,
+    width: float | None = None,
+    modality: str = "CR",
+) -> str:
+    """An uncompressed 12-bit single-frame DICOM radiograph of `pixels` (uint16 [rows, columns]), written with pydicom;
+    optional rescale slope/intercept and VOI window. Returns the path as a string."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = modality
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    if slope is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if center is not None:
+        ds.WindowCenter, ds.WindowWidth = center, width
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return str(path)

@@ -9,6 +9,7 @@ from types import ModuleType
 import numpy as np
 import torch
 from helpers import tiny_config
+from helpers import write_dicom as write_dicom_pixels
 from PIL import Image
 from transformers import GenerationConfig
 
@@ -87,27 +88,7 @@ def write_jpeg(path: str | Path, seed: int) -> str:
 
 def write_dicom(path: str | Path, seed: int) -> str:
     """A 12-bit MONOCHROME2 DICOM radiograph (uncompressed) written with pydicom."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    pixels = (_pixels(seed) * 4095).astype(np.uint16)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = Dataset()
-    dataset.file_meta = meta
-    dataset.SOPClassUID = meta.MediaStorageSOPClassUID
-    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    dataset.Modality = "DX"
-    dataset.Rows, dataset.Columns = pixels.shape
-    dataset.SamplesPerPixel = 1
-    dataset.PhotometricInterpretation = "MONOCHROME2"
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 12, 11
-    dataset.PixelRepresentation = 0
-    dataset.PixelData = pixels.tobytes()
-    dataset.save_as(str(path), enforce_file_format=True)
-    return str(path)
+    return write_dicom_pixels(path, (_pixels(seed) * 4095).astype(np.uint16), modality="DX")
 
 
 WRITERS = {

@@ -7,12 +7,10 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import pydicom
 import pytest
 import torch
+from helpers import write_dicom
 from PIL import Image
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from r2gen_mamba.data import (
     AnnotationError,
@@ -43,19 +41,7 @@ def _png(path: Path, value: int, size: int = 40, mode: str = "L") -> None:
 
 
 def _dicom(path: Path, value: int, size: int = 40) -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows = ds.Columns = size
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = np.full((size, size), value * 16, dtype=np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    write_dicom(path, np.full((size, size), value * 16, dtype=np.uint16))
 
 
 @pytest.fixture

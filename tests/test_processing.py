@@ -12,6 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from helpers import write_dicom
 from PIL import Image
 
 import r2gen_mamba
@@ -395,54 +396,29 @@ def test_numpy_inputs():
         load_image(np.zeros((4, 5, 2), dtype=np.uint8))
 
 
-def _write_dicom(path, pixels, photometric="MONOCHROME2", slope=None, intercept=None, center=None, width=None):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if slope is not None:
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if center is not None:
-        ds.WindowCenter, ds.WindowWidth = center, width
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-
-
 def test_dicom_rescale_window_and_monochrome1(tmp_path):
     pytest.importorskip("pydicom")
     stored = np.array([[0, 1000], [2000, 4095]], dtype=np.uint16)
     # Modality LUT: 2 * v - 1000 -> [[-1000, 1000], [3000, 7190]]; window c=1000 w=2001 spans [-0.5, 1999.5].
-    _write_dicom(tmp_path / "mono2.dcm", stored, slope=2, intercept=-1000, center=1000, width=2001)
+    write_dicom(tmp_path / "mono2.dcm", stored, slope=2, intercept=-1000, center=1000, width=2001)
     windowed = np.asarray(load_image(tmp_path / "mono2.dcm"))
     assert windowed.shape == (2, 2, 3)
     assert windowed[..., 0].tolist() == [[0, 128], [255, 255]]  # (1000 - 999.5) / 2000 + 0.5 -> 127.56 -> 128
 
-    _write_dicom(
+    write_dicom(
         tmp_path / "mono1.dcm", stored, photometric="MONOCHROME1", slope=2, intercept=-1000, center=1000, width=2001
     )
     assert np.asarray(load_image(tmp_path / "mono1.dcm"))[..., 0].tolist() == [[255, 127], [0, 0]]
 
     # No window: the full min..max range of the rescaled values; a file without the .dcm suffix is found by header.
-    _write_dicom(tmp_path / "plain", stored)
+    write_dicom(tmp_path / "plain", stored)
     assert np.asarray(load_image(tmp_path / "plain"))[..., 0].tolist() == [[0, 62], [125, 255]]
     assert np.array_equal(np.asarray(load_dicom(tmp_path / "plain")), np.asarray(load_image(tmp_path / "plain")))
 
 
 def test_dicom_without_pydicom_gives_clear_error(tmp_path, monkeypatch):
     pytest.importorskip("pydicom")
-    _write_dicom(tmp_path / "x.dcm", np.zeros((2, 2), dtype=np.uint16))
+    write_dicom(tmp_path / "x.dcm", np.zeros((2, 2), dtype=np.uint16))
     monkeypatch.setitem(sys.modules, "pydicom", None)
     with pytest.raises(ImportError, match=r"x\.dcm.*needs pydicom.*r2gen-mamba\[dicom\]"):
         load_image(tmp_path / "x.dcm")
