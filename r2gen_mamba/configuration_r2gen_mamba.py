@@ -100,7 +100,8 @@ class R2GenMambaEncoderConfig(PretrainedConfig):
         self.state_size = state_size
         self.conv_kernel = conv_kernel
         self.expand = expand
-        self.time_step_rank = math.ceil(hidden_size / 16) if time_step_rank == "auto" else time_step_rank
+        # "auto" is kept as such (resolved by `dt_rank`), so it follows later changes of `hidden_size`.
+        self.time_step_rank = time_step_rank
         self.time_step_min = time_step_min
         self.time_step_max = time_step_max
         self.time_step_floor = time_step_floor
@@ -121,11 +122,20 @@ class R2GenMambaEncoderConfig(PretrainedConfig):
     def d_inner(self) -> int:
         return self.expand * self.hidden_size
 
+    @property
+    def dt_rank(self) -> int:
+        """`time_step_rank` as a number: `ceil(hidden_size / 16)` for `"auto"`."""
+        return math.ceil(self.hidden_size / 16) if self.time_step_rank == "auto" else self.time_step_rank
+
     def _validate(self) -> None:
-        for name in ("hidden_size", "state_size", "conv_kernel", "expand", "time_step_rank", "num_hidden_layers"):
+        for name in ("hidden_size", "state_size", "conv_kernel", "expand", "num_hidden_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"encoder {name} must be a positive integer, got {value!r}")
+        if not isinstance(self.dt_rank, int) or self.dt_rank < 1:
+            raise ValueError(
+                f"encoder time_step_rank must be a positive integer or 'auto', got {self.time_step_rank!r}"
+            )
         if self.encoder_type == "transformer" and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"encoder hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "

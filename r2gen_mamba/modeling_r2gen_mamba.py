@@ -257,7 +257,7 @@ class R2GenMambaEncoderLayer(nn.Module):
             d_state=config.state_size,
             d_conv=config.conv_kernel,
             expand=config.expand,
-            dt_rank=config.time_step_rank,
+            dt_rank=config.dt_rank,
             dt_min=config.time_step_min,
             dt_max=config.time_step_max,
             dt_init=config.time_step_init_scheme,

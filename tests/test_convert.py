@@ -402,7 +402,7 @@ def test_infer_config_reads_the_architecture(source):
         assert getattr(config, name) == getattr(model.config, name), name
     assert config.vision_config.depths == VISION["depths"]
     assert config.vision_config.hidden_sizes == VISION["hidden_sizes"]
-    assert config.encoder_config.time_step_rank == model.config.encoder_config.time_step_rank
+    assert config.encoder_config.dt_rank == model.config.encoder_config.dt_rank
     converted = convert_state_dict(official, config)
     assert set(converted) == set(model.state_dict())
 

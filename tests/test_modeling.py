@@ -73,7 +73,7 @@ def test_config_published_defaults():
         4,
         2,
     )
-    assert config.encoder_config.time_step_rank == 32
+    assert config.encoder_config.time_step_rank == "auto" and config.encoder_config.dt_rank == 32
     assert (config.decoder_layers, config.num_heads, config.d_ff, config.rm_num_slots, config.use_mcln) == (
         3,
         8,
@@ -83,6 +83,17 @@ def test_config_published_defaults():
     )
     assert config.visual_feature_size == 2048
     assert R2GenMambaConfig(encoder_type="transformer").encoder_layers == 3
+
+
+def test_config_auto_dt_rank_follows_the_width():
+    # A flat d_model applied to an existing encoder sub-config must not leave a stale dt rank behind.
+    config = R2GenMambaConfig(encoder_config=R2GenMambaEncoderConfig(), d_model=64, num_heads=4, rm_num_heads=4)
+    assert config.encoder_config.dt_rank == 4
+    block = R2GenMambaForConditionalGeneration(tiny_config()).model.encoder.layers[0].mixer
+    assert block.dt_proj.weight.shape[1] == math.ceil(32 / 16)
+    assert R2GenMambaEncoderConfig(time_step_rank=5).dt_rank == 5
+    with pytest.raises(ValueError, match="time_step_rank must be a positive integer or 'auto'"):
+        R2GenMambaEncoderConfig(time_step_rank=0)
 
 
 @pytest.mark.parametrize(
