@@ -137,26 +137,14 @@ def measure_point(encoder_type: str, tokens: int, backward: bool, repeats: int, 
     }
 
 
-def _measure_in_subprocess(encoder_type: str, tokens: int, args: argparse.Namespace) -> dict:
-    command = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--point",
-        json.dumps(
-            {
-                "encoder_type": encoder_type,
-                "tokens": tokens,
-                "backward": args.backward,
-                "repeats": args.repeats,
-                "threads": args.threads,
-            }
-        ),
-    ]
+def measure_in_subprocess(script: str, spec: dict) -> dict:
+    """Run `script --point JSON(spec)` in a fresh Python process and return the JSON row it prints last."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    command = [sys.executable, script, "--point", json.dumps(spec)]
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        raise RuntimeError(f"measuring {encoder_type} at {tokens} tokens failed:\n{result.stderr[-4000:]}")
+        raise RuntimeError(f"measuring {spec} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -191,7 +179,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for encoder_type in args.encoders:
         for tokens in args.tokens:
-            point = _measure_in_subprocess(encoder_type, tokens, args)
+            spec = {
+                "encoder_type": encoder_type,
+                "tokens": tokens,
+                "backward": args.backward,
+                "repeats": args.repeats,
+                "threads": args.threads,
+            }
+            point = measure_in_subprocess(os.path.abspath(__file__), spec)
             print(
                 f"{encoder_type:>11} {tokens:>5} tokens: {point['seconds']:.4f} s, peak +{point['peak_mb']:.1f} MB",
                 flush=True,

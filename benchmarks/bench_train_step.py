@@ -11,18 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_encoder_scaling import (  # noqa: E402
-    REPO_ROOT,
     _current_rss_kb,
     _peak_rss_kb,
     _release_free_memory,
     _reset_peak_rss,
+    measure_in_subprocess,
 )
 
 
@@ -112,16 +111,6 @@ def measure_point(batch_size: int, steps: int, threads: int | None, encoder_type
         "rss_before_mb": rss_mb,
         "threads": torch.get_num_threads(),
     }
-
-
-def measure_in_subprocess(script: str, spec: dict) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
-    command = [sys.executable, script, "--point", json.dumps(spec)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        raise RuntimeError(f"measuring {spec} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def run(args: argparse.Namespace) -> list[dict]:
