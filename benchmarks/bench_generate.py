@@ -3,8 +3,12 @@
 For each batch size (4 and 16 by default) in a fresh process: total `generate()` time with the incremental cache,
 the visual extractor's (ResNet-101) forward alone on the same images, the same generation with `use_cache=False`
 (full prefix recomputed at every step, as the official code decodes), and the peak resident-set growth of the
-cached generation. Generation is forced to the full length (`min_length` = `max_length`), so an untrained model
-does the same work as a trained one. Best of `--repeats` runs after one warm-up run.
+cached generation. `generate()` packs the decoder's weights for oneDNN on every call (`packed_linear`); the table
+also has the cached generation with packing switched off (`plain_linear_s`, plain `F.linear`) and inside one
+`packed_cpu_weights()` block entered before the timed calls (`packed_once_s`: the packing cost paid once, as when
+a loop of `generate()` calls is wrapped in it). Generation is forced to the full length (`min_length` =
+`max_length`), so an untrained model does the same work as a trained one.
+Best of `--repeats` runs after one warm-up run.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ def measure_point(
 
     if threads:
         torch.set_num_threads(threads)
+    from r2gen_mamba import packed_linear
+
     model, pixel_values, _ = build_model_and_batch(batch_size, "mamba", tiny)
     model.eval()
     # Lengths count the decoder start token: exactly `new_tokens` generated tokens.
@@ -69,6 +75,17 @@ def measure_point(
             "rss_before_mb": rss_before / 1024,
             "threads": torch.get_num_threads(),
         }
+        if not tiny or packed_linear.packed_linear_available():
+            with model.packed_cpu_weights():
+                row["packed_once_s"] = best_of(lambda: model.generate(pixel_values=pixel_values, **kwargs))
+            previous = packed_linear.set_packed_linear_enabled(False)
+            try:
+                row["plain_linear_s"] = best_of(lambda: model.generate(pixel_values=pixel_values, **kwargs))
+                row["plain_linear_same_ids"] = bool(
+                    torch.equal(model.generate(pixel_values=pixel_values, **kwargs), ids)
+                )
+            finally:
+                packed_linear.set_packed_linear_enabled(previous)
         if uncached:
             start = time.perf_counter()
             uncached_ids = model.generate(pixel_values=pixel_values, use_cache=False, **kwargs)
@@ -98,6 +115,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         )
         if "no_cache_s" in row:
             line += f", use_cache=False {row['no_cache_s']:.2f} s (cache x{row['cache_speedup']:.1f} faster)"
+        if "plain_linear_s" in row:
+            line += f", packed once {row['packed_once_s']:.2f} s, plain F.linear {row['plain_linear_s']:.2f} s"
         print(line + f", peak RSS +{row['peak_rss_mb']:.0f} MB", flush=True)
         rows.append(row)
     return rows

@@ -28,6 +28,7 @@ REMOTE_CODE_FILES = (
     "configuration_r2gen_mamba.py",
     "modeling_r2gen_mamba.py",
     "mamba_block.py",
+    "packed_linear.py",
     "processing_r2gen_mamba.py",
     "pipeline_r2gen_mamba.py",
 )

@@ -12,7 +12,9 @@ cache of self-attention keys/values, cross-attention keys/values and the memory 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +27,7 @@ from transformers.utils import logging
 
 from .configuration_r2gen_mamba import R2GenMambaConfig, R2GenMambaDecoderConfig, R2GenMambaEncoderConfig
 from .mamba_block import R2GenMambaBlock
+from .packed_linear import FusedPackedLinear, R2GenLinear, can_use_packed, packed_linears
 
 logger = logging.get_logger(__name__)
 
@@ -66,10 +69,10 @@ class R2GenAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.dropout = dropout
-        self.q_proj = nn.Linear(hidden_size, hidden_size)
-        self.k_proj = nn.Linear(hidden_size, hidden_size)
-        self.v_proj = nn.Linear(hidden_size, hidden_size)
-        self.o_proj = nn.Linear(hidden_size, hidden_size)
+        self.q_proj = R2GenLinear(hidden_size, hidden_size)
+        self.k_proj = R2GenLinear(hidden_size, hidden_size)
+        self.v_proj = R2GenLinear(hidden_size, hidden_size)
+        self.o_proj = R2GenLinear(hidden_size, hidden_size)
 
     def split_heads(self, states: torch.Tensor) -> torch.Tensor:
         """`[batch, seq, hidden]` -> `[batch, heads, seq, head_dim]`."""
@@ -109,8 +112,8 @@ class R2GenFeedForward(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, dropout: float) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(hidden_size, intermediate_size)
-        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.fc1 = R2GenLinear(hidden_size, intermediate_size)
+        self.fc2 = R2GenLinear(intermediate_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -140,8 +143,8 @@ class R2GenMemoryMLP(nn.Module):
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(hidden_size, hidden_size)
-        self.fc2 = nn.Linear(hidden_size, hidden_size)
+        self.fc1 = R2GenLinear(hidden_size, hidden_size)
+        self.fc2 = R2GenLinear(hidden_size, hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return F.relu(self.fc2(F.relu(self.fc1(hidden_states))))
@@ -161,8 +164,10 @@ class R2GenRelationalMemory(nn.Module):
         self.hidden_size = config.hidden_size
         self.attn = R2GenAttention(config.hidden_size, config.rm_num_heads, config.dropout)
         self.mlp = R2GenMemoryMLP(config.hidden_size)
-        self.W = nn.Linear(config.hidden_size, 2 * config.hidden_size)
-        self.U = nn.Linear(config.hidden_size, 2 * config.hidden_size)
+        self.W = R2GenLinear(config.hidden_size, 2 * config.hidden_size)
+        self.U = R2GenLinear(config.hidden_size, 2 * config.hidden_size)
+        # q/k/v of the memory rows as one packed matmul, while `R2GenMambaDecoder.packed_weights` attaches it.
+        self.packed_qkv: FusedPackedLinear | None = None
 
     def initial_memory(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """Identity rows (slot i has a 1 at dim i), zero-padded (or cut) to `hidden_size`: `[batch, slots, hidden]`."""
@@ -183,13 +188,20 @@ class R2GenRelationalMemory(nn.Module):
         input_gates = self.W(inputs).unsqueeze(2).unbind(1)  # seq x [batch, 1, 2*hidden]
         token_keys = attn.k_proj(inputs).view(batch, seq_len, heads, 1, head_dim).unbind(1)  # seq x [b, heads, 1, d]
         token_values = attn.v_proj(inputs).view(batch, seq_len, heads, 1, head_dim).unbind(1)
-        qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # [3*hidden, hidden]
-        qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+        if self.packed_qkv is not None and can_use_packed(memory, attn.q_proj.weight):
+            project_qkv = self.packed_qkv
+        else:
+            qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # [3*hidden, hidden]
+            qkv_bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])
+
+            def project_qkv(states: torch.Tensor) -> torch.Tensor:
+                return F.linear(states, qkv_weight, qkv_bias)
+
         dropout = attn.dropout if self.training else 0.0
 
         memories = []
         for t in range(seq_len):
-            qkv = F.linear(memory, qkv_weight, qkv_bias).view(batch, slots, 3, heads, head_dim)
+            qkv = project_qkv(memory).view(batch, slots, 3, heads, head_dim)
             query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each [batch, heads, slots, head_dim]
             key = torch.cat([key, token_keys[t]], dim=2)  # [batch, heads, slots + 1, head_dim]
             value = torch.cat([value, token_values[t]], dim=2)
@@ -208,8 +220,8 @@ class R2GenConditionMLP(nn.Module):
 
     def __init__(self, memory_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(memory_size, hidden_size)
-        self.fc2 = nn.Linear(hidden_size, hidden_size)
+        self.fc1 = R2GenLinear(memory_size, hidden_size)
+        self.fc2 = R2GenLinear(hidden_size, hidden_size)
         self.fc1._r2gen_init = self.fc2._r2gen_init = "condition"  # xavier weights, bias 0.1 (R2Gen)
 
     def forward(self, memory: torch.Tensor) -> torch.Tensor:
@@ -219,9 +231,11 @@ class R2GenConditionMLP(nn.Module):
 class R2GenConditionalLayerNorm(nn.Module):
     """Memory-driven conditional layer norm (MCLN): `(gamma + MLP_g(m_t)) * normalize(x) + beta + MLP_b(m_t)`.
 
-    The 6 * num_layers MCLN MLPs all read the same memory, but running them as one concatenated / batched matmul did
-    not pay on CPU (measured at the paper size, batch 16 x 59 tokens, one thread: 0.92 s forward+backward as separate
-    matmuls, 1.33 s with the second layers batched; the same per generation step), so each MCLN runs its own.
+    The 6 * num_layers MCLN MLPs all read the same memory. In training each MCLN runs its own (one concatenated /
+    batched matmul did not pay with autograd on CPU: measured at the paper size, batch 16 x 59 tokens, one thread,
+    0.92 s forward+backward as separate matmuls, 1.33 s with the second layers batched). In CPU inference the decoder
+    runs all the first layers as one packed matmul (`R2GenMambaDecoder.condition_offsets`) and passes the offsets to
+    `modulate`.
     """
 
     def __init__(self, hidden_size: int, memory_size: int, eps: float) -> None:
@@ -234,9 +248,13 @@ class R2GenConditionalLayerNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """Args: hidden_states `[batch, seq, hidden]`; memory `[batch, seq, slots*hidden]` (after each token)."""
-        gamma = self.gamma + self.mlp_gamma(memory)
-        beta = self.beta + self.mlp_beta(memory)
-        return gamma * r2gen_normalize(hidden_states, self.eps) + beta
+        return self.modulate(hidden_states, self.mlp_gamma(memory), self.mlp_beta(memory))
+
+    def modulate(
+        self, hidden_states: torch.Tensor, gamma_offset: torch.Tensor, beta_offset: torch.Tensor
+    ) -> torch.Tensor:
+        """The norm with the MLP outputs given: `(gamma + gamma_offset) * normalize(x) + beta + beta_offset`."""
+        return (self.gamma + gamma_offset) * r2gen_normalize(hidden_states, self.eps) + (self.beta + beta_offset)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -400,7 +418,15 @@ class R2GenMambaDecoderLayer(nn.Module):
             self.ffn_norm = R2GenLayerNorm(hidden, eps)
         self.dropout = nn.Dropout(config.dropout)
 
-    def _norm(self, norm: nn.Module, hidden_states: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def _norm(
+        norm: nn.Module,
+        hidden_states: torch.Tensor,
+        memory: torch.Tensor | None,
+        offsets: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        if offsets is not None:
+            return norm.modulate(hidden_states, *offsets)
         return norm(hidden_states) if memory is None else norm(hidden_states, memory)
 
     def forward(
@@ -411,12 +437,16 @@ class R2GenMambaDecoderLayer(nn.Module):
         memory: torch.Tensor | None,
         cache: R2GenMambaCache | None,
         layer_idx: int,
+        condition_offsets: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Args: hidden_states `[batch, seq, hidden]` (new tokens only when a cache holds the earlier ones);
         encoder_hidden_states `[batch, tokens, hidden]`; self_attn_mask boolean `[batch, 1, seq, seen + seq]` or
-        None; memory: the relational memory after each token `[batch, seq, slots*hidden]` for MCLN, or None."""
+        None; memory: the relational memory after each token `[batch, seq, slots*hidden]` for MCLN, or None;
+        condition_offsets: the (gamma, beta) MLP outputs of this layer's three MCLNs, already computed from `memory`
+        (see `R2GenMambaDecoder.condition_offsets`), or None."""
+        offsets = condition_offsets if condition_offsets is not None else (None, None, None)
 
-        normed = self._norm(self.self_attn_norm, hidden_states, memory)
+        normed = self._norm(self.self_attn_norm, hidden_states, memory, offsets[0])
         key = self.self_attn.split_heads(self.self_attn.k_proj(normed))
         value = self.self_attn.split_heads(self.self_attn.v_proj(normed))
         if cache is not None:
@@ -433,10 +463,10 @@ class R2GenMambaDecoderLayer(nn.Module):
             value = self.cross_attn.split_heads(self.cross_attn.v_proj(encoder_hidden_states))
             if cache is not None:
                 cache.cross_keys[layer_idx], cache.cross_values[layer_idx] = key, value
-        normed = self._norm(self.cross_attn_norm, hidden_states, memory)
+        normed = self._norm(self.cross_attn_norm, hidden_states, memory, offsets[1])
         hidden_states = hidden_states + self.dropout(self.cross_attn.attend(normed, key, value))
 
-        normed = self._norm(self.ffn_norm, hidden_states, memory)
+        normed = self._norm(self.ffn_norm, hidden_states, memory, offsets[2])
         return hidden_states + self.dropout(self.feed_forward(normed))
 
 
@@ -460,6 +490,49 @@ class R2GenMambaDecoder(nn.Module):
         self.layers = nn.ModuleList([R2GenMambaDecoderLayer(config) for _ in range(config.num_hidden_layers)])
         self.norm = R2GenLayerNorm(config.hidden_size, config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
+        # The first layers of all MCLN MLPs as one packed matmul, while `packed_weights` attaches it.
+        self.packed_condition_fc1: FusedPackedLinear | None = None
+
+    def condition_mlps(self) -> list[R2GenConditionMLP]:
+        """All MCLN MLPs, in layer order, each layer's (self-attention, cross-attention, FFN) norms, gamma before
+        beta; empty without MCLN."""
+        norms = [
+            norm for layer in self.layers for norm in (layer.self_attn_norm, layer.cross_attn_norm, layer.ffn_norm)
+        ]
+        return [
+            mlp
+            for norm in norms
+            if isinstance(norm, R2GenConditionalLayerNorm)
+            for mlp in (norm.mlp_gamma, norm.mlp_beta)
+        ]
+
+    @contextlib.contextmanager
+    def packed_weights(self) -> Iterator[bool]:
+        """CPU float32 inference with oneDNN-packed weights for the block (see `packed_linear`), plus two fusions of
+        linears that read the same input: the relational memory's q/k/v, and the first layers of all MCLN MLPs.
+        Yields whether packing applies (otherwise the block runs the plain path). Re-entrant."""
+        with packed_linears([self]) as packed:
+            attach = packed and self.relational_memory is not None and self.packed_condition_fc1 is None
+            if attach:
+                attn = self.relational_memory.attn
+                self.relational_memory.packed_qkv = FusedPackedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
+                self.packed_condition_fc1 = FusedPackedLinear(mlp.fc1 for mlp in self.condition_mlps())
+            try:
+                yield packed
+            finally:
+                if attach:
+                    self.relational_memory.packed_qkv = self.packed_condition_fc1 = None
+
+    def condition_offsets(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The (gamma, beta) offsets of every MCLN (order of `condition_mlps`, paired per norm) from the memory
+        `[batch, seq, slots*hidden]`, with the first MLP layers as one packed matmul; None outside `packed_weights`
+        or where the packed path does not apply (then each MCLN computes its own)."""
+        fused = self.packed_condition_fc1
+        if fused is None or not can_use_packed(memory, fused.bias):
+            return None
+        hidden = fused(memory, relu=True).split(fused.split_sizes, dim=-1)
+        offsets = [mlp.fc2(chunk) for mlp, chunk in zip(self.condition_mlps(), hidden)]
+        return list(zip(offsets[0::2], offsets[1::2]))
 
     def forward(
         self,
@@ -502,8 +575,12 @@ class R2GenMambaDecoder(nn.Module):
             memory_per_token = memories.flatten(2)  # [batch, seq, slots*hidden]
 
         self_attn_mask = self._self_attention_mask(input_ids, attention_mask, cache, past)
+        offsets = self.condition_offsets(memory_per_token) if memory_per_token is not None else None
         for idx, layer in enumerate(self.layers):
-            hidden_states = layer(hidden_states, encoder_hidden_states, self_attn_mask, memory_per_token, cache, idx)
+            layer_offsets = offsets[3 * idx : 3 * idx + 3] if offsets is not None else None
+            hidden_states = layer(
+                hidden_states, encoder_hidden_states, self_attn_mask, memory_per_token, cache, idx, layer_offsets
+            )
         return self.norm(hidden_states)
 
     def _self_attention_mask(
@@ -767,7 +844,7 @@ class R2GenMambaForConditionalGeneration(R2GenMambaPreTrainedModel, GenerationMi
     def __init__(self, config: R2GenMambaConfig) -> None:
         super().__init__(config)
         self.model = R2GenMambaModel(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size)
+        self.lm_head = R2GenLinear(config.d_model, config.vocab_size)
         self.lm_head._r2gen_init = "default"  # the official `logit` is outside the xavier loop
         self.post_init()
         for name, value in GENERATION_DEFAULTS.items():
@@ -798,6 +875,20 @@ class R2GenMambaForConditionalGeneration(R2GenMambaPreTrainedModel, GenerationMi
     def load_vision_weights(self, name_or_path: str, **kwargs: Any) -> None:
         """See `R2GenMambaModel.load_vision_weights`."""
         self.model.load_vision_weights(name_or_path, **kwargs)
+
+    @contextlib.contextmanager
+    def packed_cpu_weights(self) -> Iterator[bool]:
+        """Decoder and LM head on oneDNN-packed weights for the block, when the model is float32 on the CPU (yields
+        whether packing applies; see `r2gen_mamba.packed_linear`). `generate()` enters it on every call; wrap a loop
+        of `generate()` calls in it to pack once for all of them. Do not change the weights inside the block: the
+        packed copies would not follow."""
+        with self.model.decoder.packed_weights() as packed, packed_linears([self.lm_head]):
+            yield packed
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """`GenerationMixin.generate`, run inside `packed_cpu_weights()` (a no-op off the CPU / float32)."""
+        with self.packed_cpu_weights():
+            return super().generate(*args, **kwargs)
 
     def forward(
         self,

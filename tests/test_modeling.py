@@ -380,7 +380,7 @@ def test_save_load_reproduces_outputs_and_auto_classes_load(tmp_path):
     saved = {path.name for path in tmp_path.iterdir()}
     assert {"model.safetensors", "config.json", "generation_config.json"} <= saved
     # register_for_auto_class: the model files travel with the weights.
-    assert {"modeling_r2gen_mamba.py", "configuration_r2gen_mamba.py", "mamba_block.py"} <= saved
+    assert {"modeling_r2gen_mamba.py", "configuration_r2gen_mamba.py", "mamba_block.py", "packed_linear.py"} <= saved
 
     for loaded in (
         R2GenMambaForConditionalGeneration.from_pretrained(tmp_path),

@@ -1,0 +1,128 @@
+"""CPU inference linears on oneDNN with weights packed once per `generate()` call.
+
+A decode step multiplies a few rows (studies x beams) by every decoder weight matrix, so it is bound by how fast the
+weights stream from memory. On the 2-core benchmark machine `F.linear` (MKL sgemm) streams them at about 10 GB/s at 12
+rows, while the oneDNN kernel that PyTorch's inductor uses (`torch.ops.mkldnn._linear_pointwise` on a weight reordered
+once by `_reorder_linear_weight`) reaches 15-26 GB/s; it is 1.15-1.8x faster from 1 to 2,832 rows (numbers in
+`benchmarks/README` / the project README).
+
+`R2GenLinear` is a plain `nn.Linear` (same parameters, same state dict, same init) that takes the packed path only
+while a packed copy is attached to it and the call is packable: CPU, float32 input and weight, no autograd graph being
+recorded. Copies are attached by `packed_linears(...)` for the duration of a `with` block and dropped at its end, so a
+copy never outlives the weights it was made from (in-place updates through `.data` do not bump a tensor's version, so
+a cache keyed on versions could go stale silently). Everything else, training included, runs `F.linear`.
+
+Set the environment variable `R2GEN_MAMBA_PACKED_LINEAR=0` (or call `set_packed_linear_enabled(False)`) to turn the
+packed path off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_enabled = os.environ.get("R2GEN_MAMBA_PACKED_LINEAR", "1").strip().lower() not in ("0", "false", "no", "off")
+_available: bool | None = None
+
+
+def set_packed_linear_enabled(enabled: bool) -> bool:
+    """Turn the packed CPU path on or off for later `packed_linears` blocks; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+def packed_linear_available() -> bool:
+    """Whether this PyTorch build runs the oneDNN packed linear correctly (probed once, on a 2x3 example)."""
+    global _available
+    if _available is None:
+        try:
+            weight = torch.arange(6, dtype=torch.float32).view(2, 3)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 3), packed, None, "none", [], "")
+            _available = bool(torch.backends.mkldnn.is_available() and torch.equal(out, weight.sum(1).view(1, 2)))
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _available = False
+    return _available
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A oneDNN-packed copy of a `[out, in]` float32 CPU weight (an opaque tensor: no storage, not copyable)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def packed_linear(
+    inputs: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False
+) -> torch.Tensor:
+    """`inputs @ weight.T + bias` (then ReLU when `relu`) with a weight from `pack_weight`."""
+    bias = None if bias is None else bias.detach()
+    return torch.ops.mkldnn._linear_pointwise(inputs, packed_weight, bias, "relu" if relu else "none", [], "")
+
+
+def can_use_packed(inputs: torch.Tensor, weight: torch.Tensor) -> bool:
+    """CPU float32 without an autograd graph: the case a packed weight is valid for."""
+    return (
+        inputs.device.type == "cpu"
+        and inputs.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not (torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad))
+    )
+
+
+class R2GenLinear(nn.Linear):
+    """`nn.Linear` that uses a packed oneDNN copy of its weight while one is attached (see the module docstring)."""
+
+    packed_weight: torch.Tensor | None = None
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None and can_use_packed(inputs, self.weight):
+            return packed_linear(inputs, self.packed_weight, self.bias)
+        return F.linear(inputs, self.weight, self.bias)
+
+
+def packing_applies(module: nn.Module) -> bool:
+    """Packing is on, available, and `module`'s parameters are float32 on the CPU."""
+    param = next(module.parameters(), None)
+    return (
+        _enabled
+        and param is not None
+        and param.device.type == "cpu"
+        and param.dtype == torch.float32
+        and packed_linear_available()
+    )
+
+
+@contextlib.contextmanager
+def packed_linears(modules: Iterable[nn.Module]) -> Iterator[bool]:
+    """Attach packed weights to every `R2GenLinear` under `modules` for the block (yields whether it did).
+
+    Re-entrant: inside an outer block the linears keep the outer block's copies, which the outer block drops."""
+    linears = [m for module in modules for m in module.modules() if isinstance(m, R2GenLinear)]
+    fresh = [m for m in linears if m.packed_weight is None and m.weight.device.type == "cpu"]
+    fresh = [m for m in fresh if m.weight.dtype == torch.float32] if _enabled and packed_linear_available() else []
+    try:
+        for module in fresh:
+            module.packed_weight = pack_weight(module.weight)
+        yield any(m.packed_weight is not None for m in linears)
+    finally:
+        for module in fresh:
+            module.packed_weight = None
+
+
+class FusedPackedLinear:
+    """Several linears that read the same input, as one packed matmul: `[..., in]` -> `[..., sum(out)]`, output
+    blocks in the order given. Built inside a `packed_linears` block, from `R2GenLinear`s with biases."""
+
+    def __init__(self, linears: Iterable[nn.Linear]) -> None:
+        linears = list(linears)
+        self.weight = pack_weight(torch.cat([linear.weight.detach() for linear in linears]))
+        self.bias = torch.cat([linear.bias.detach() for linear in linears])
+        self.split_sizes = [linear.out_features for linear in linears]
+
+    def __call__(self, inputs: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        return packed_linear(inputs, self.weight, self.bias, relu)
