@@ -85,11 +85,19 @@ class R2GenAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        query_group: int = 1,
     ) -> torch.Tensor:
         """Attention of `query_states` `[batch, q_len, hidden]` over projected `key`/`value` `[batch, heads, k_len,
         head_dim]`; `attention_mask` is boolean (True = may attend), broadcastable to `[batch, heads, q_len, k_len]`.
+        `query_group` > 1: consecutive runs of that many batch rows share one row of `key`/`value` (which then have
+        `batch / query_group` rows; beams of one study over its encoder output), and there is no mask.
         Returns `[batch, q_len, hidden]` after `o_proj`."""
         query = self.split_heads(self.q_proj(query_states))
+        batch, heads, q_len, head_dim = query.shape
+        if query_group > 1:
+            # The group's queries become extra query positions of its shared row: the same softmax per query.
+            query = query.view(batch // query_group, query_group, heads, q_len, head_dim).transpose(1, 2)
+            query = query.reshape(batch // query_group, heads, query_group * q_len, head_dim)
         if attention_mask is not None:
             # R2Gen fills masked scores with -1e9, so a fully masked row attends uniformly (a boolean SDPA mask would
             # give NaN there); the minimum of the query's dtype does the same and stays finite in fp16/bf16.
@@ -97,8 +105,8 @@ class R2GenAttention(nn.Module):
             attention_mask = additive.masked_fill(~attention_mask, torch.finfo(query.dtype).min)
         dropout = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
-        batch, _, q_len, _ = out.shape
-        return self.o_proj(out.transpose(1, 2).reshape(batch, q_len, -1))
+        out = out.view(batch // query_group, heads, query_group, q_len, head_dim).permute(0, 2, 3, 1, 4)
+        return self.o_proj(out.reshape(batch, q_len, heads * head_dim))
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Self-attention: `[batch, seq, hidden]` -> `[batch, seq, hidden]`."""
@@ -376,6 +384,7 @@ class R2GenMambaCache:
         self.self_values: list[torch.Tensor | None] = [None] * num_layers
         self.cross_keys: list[torch.Tensor | None] = [None] * num_layers  # [batch, heads, tokens, head_dim]
         self.cross_values: list[torch.Tensor | None] = [None] * num_layers
+        self.cross_group = 1  # runs of this many batch rows share one cross key/value row (beams of a study)
         self.memory: torch.Tensor | None = None  # [batch, slots, hidden]
         self.key_mask: torch.Tensor | None = None  # [batch, seen] bool
 
@@ -438,12 +447,14 @@ class R2GenMambaDecoderLayer(nn.Module):
         cache: R2GenMambaCache | None,
         layer_idx: int,
         condition_offsets: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        cross_group: int = 1,
     ) -> torch.Tensor:
         """Args: hidden_states `[batch, seq, hidden]` (new tokens only when a cache holds the earlier ones);
         encoder_hidden_states `[batch, tokens, hidden]`; self_attn_mask boolean `[batch, 1, seq, seen + seq]` or
         None; memory: the relational memory after each token `[batch, seq, slots*hidden]` for MCLN, or None;
         condition_offsets: the (gamma, beta) MLP outputs of this layer's three MCLNs, already computed from `memory`
-        (see `R2GenMambaDecoder.condition_offsets`), or None."""
+        (see `R2GenMambaDecoder.condition_offsets`), or None; cross_group: runs of this many batch rows have the same
+        encoder hidden states (see `repeated_row_group`), whose cross keys/values are computed and attended once."""
         offsets = condition_offsets if condition_offsets is not None else (None, None, None)
 
         normed = self._norm(self.self_attn_norm, hidden_states, memory, offsets[0])
@@ -459,12 +470,14 @@ class R2GenMambaDecoderLayer(nn.Module):
         if cache is not None and cache.cross_keys[layer_idx] is not None:
             key, value = cache.cross_keys[layer_idx], cache.cross_values[layer_idx]
         else:
-            key = self.cross_attn.split_heads(self.cross_attn.k_proj(encoder_hidden_states))
-            value = self.cross_attn.split_heads(self.cross_attn.v_proj(encoder_hidden_states))
+            shared = encoder_hidden_states[::cross_group] if cross_group > 1 else encoder_hidden_states
+            key = self.cross_attn.split_heads(self.cross_attn.k_proj(shared))
+            value = self.cross_attn.split_heads(self.cross_attn.v_proj(shared))
             if cache is not None:
                 cache.cross_keys[layer_idx], cache.cross_values[layer_idx] = key, value
         normed = self._norm(self.cross_attn_norm, hidden_states, memory, offsets[1])
-        hidden_states = hidden_states + self.dropout(self.cross_attn.attend(normed, key, value))
+        attended = self.cross_attn.attend(normed, key, value, query_group=cross_group)
+        hidden_states = hidden_states + self.dropout(attended)
 
         normed = self._norm(self.ffn_norm, hidden_states, memory, offsets[2])
         return hidden_states + self.dropout(self.feed_forward(normed))
@@ -576,10 +589,24 @@ class R2GenMambaDecoder(nn.Module):
 
         self_attn_mask = self._self_attention_mask(input_ids, attention_mask, cache, past)
         offsets = self.condition_offsets(memory_per_token) if memory_per_token is not None else None
+        if cache is not None and cache.cross_keys[0] is not None:
+            cross_group = cache.cross_group
+        else:
+            # Beam search repeats each study's encoder output once per beam: attend to one copy (inference only).
+            cross_group = 1 if torch.is_grad_enabled() else repeated_row_group(encoder_hidden_states)
+            if cache is not None:
+                cache.cross_group = cross_group
         for idx, layer in enumerate(self.layers):
             layer_offsets = offsets[3 * idx : 3 * idx + 3] if offsets is not None else None
             hidden_states = layer(
-                hidden_states, encoder_hidden_states, self_attn_mask, memory_per_token, cache, idx, layer_offsets
+                hidden_states,
+                encoder_hidden_states,
+                self_attn_mask,
+                memory_per_token,
+                cache,
+                idx,
+                layer_offsets,
+                cross_group,
             )
         return self.norm(hidden_states)
 
@@ -618,6 +645,19 @@ class R2GenMambaDecoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 # Hugging Face models
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def repeated_row_group(states: torch.Tensor) -> int:
+    """The largest g such that the batch rows of `states` come in consecutive runs of g identical rows (as beam search
+    expands each study's encoder output), or 1. Exact: runs are compared element by element."""
+    batch = states.shape[0]
+    group = 1
+    while group < batch and torch.equal(states[group], states[0]):
+        group += 1
+    if group == 1 or batch % group:
+        return 1
+    runs = states.view(batch // group, group, *states.shape[1:])
+    return group if torch.equal(runs, runs[:, :1].expand_as(runs)) else 1
 
 
 def shift_tokens_right(labels: torch.Tensor, decoder_start_token_id: int, pad_token_id: int) -> torch.LongTensor:

@@ -23,9 +23,11 @@ from r2gen_mamba import (
     resnet101_config,
 )
 from r2gen_mamba.modeling_r2gen_mamba import (
+    R2GenAttention,
     R2GenConditionalLayerNorm,
     R2GenMambaEncoder,
     R2GenTransformerEncoder,
+    repeated_row_group,
     sinusoidal_positions,
 )
 
@@ -480,6 +482,45 @@ def test_cache_reorder_selects_rows():
         memory, keys = cache.memory.clone(), cache.self_keys[0].clone()
         cache.reorder_cache(torch.tensor([2, 2, 0]))
     assert torch.equal(cache.memory, memory[[2, 2, 0]]) and torch.equal(cache.self_keys[0], keys[[2, 2, 0]])
+
+
+def test_repeated_row_group():
+    a, b, c = torch.randn(3, 4, 5).unbind(0)
+    assert repeated_row_group(torch.stack([a, a, a, b, b, b])) == 3
+    assert repeated_row_group(torch.stack([a, a, a])) == 3
+    assert repeated_row_group(torch.stack([a, b, c])) == 1
+    assert repeated_row_group(torch.stack([a, a, b])) == 1  # runs of unequal length
+    assert repeated_row_group(torch.stack([a, a, b, c])) == 1  # the second run is not a run
+    near = a.clone()
+    near[3, 4] += 1e-7
+    assert repeated_row_group(torch.stack([a, near])) == 1  # exact comparison, no tolerance
+
+
+def test_grouped_cross_attention_equals_repeated_keys():
+    torch.manual_seed(0)
+    attn = R2GenAttention(32, 4, 0.0).eval()
+    encoder_states = torch.randn(2, 7, 32)
+    queries = torch.randn(6, 3, 32)
+    with torch.no_grad():
+        key, value = attn.split_heads(attn.k_proj(encoder_states)), attn.split_heads(attn.v_proj(encoder_states))
+        grouped = attn.attend(queries, key, value, query_group=3)
+        repeated = attn.attend(queries, key.repeat_interleave(3, 0), value.repeat_interleave(3, 0))
+    torch.testing.assert_close(grouped, repeated, rtol=1e-6, atol=1e-6)
+
+
+def test_beam_expanded_encoder_output_is_attended_once():
+    model = tiny_model()
+    pixel_values = tiny_pixel_values(model.config, batch_size=2)
+    ids = random_prefix(model.config, batch_size=6, length=5)
+    with torch.no_grad():
+        encoder_outputs = (model.model.encode_images(pixel_values).repeat_interleave(3, 0),)
+        out = model(encoder_outputs=encoder_outputs, decoder_input_ids=ids, use_cache=True)
+        heads, tokens = model.config.num_heads, encoder_outputs[0].shape[1]
+        assert out.cache.cross_group == 3
+        assert out.cache.cross_keys[0].shape == (2, heads, tokens, model.config.d_model // heads)
+    with torch.enable_grad():  # the training path attends every row as it is
+        ungrouped = model(encoder_outputs=encoder_outputs, decoder_input_ids=ids).logits
+    torch.testing.assert_close(out.logits, ungrouped.detach(), rtol=1e-5, atol=1e-5)
 
 
 def forced_generation(model, pixel_values, **kwargs):
