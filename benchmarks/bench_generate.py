@@ -58,7 +58,7 @@ def measure_point(
         return best
 
     with torch.no_grad():
-        visual_seconds = best_of(lambda: model.model.visual_extractor(pixel_values.flatten(0, 1)))
+        visual_seconds = best_of(lambda: model.model.visual_features(pixel_values))
         ids = model.generate(pixel_values=pixel_values, **kwargs)
         _release_free_memory()
         rss_before = _current_rss_kb()

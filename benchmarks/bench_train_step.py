@@ -70,7 +70,6 @@ def measure_point(batch_size: int, steps: int, threads: int | None, encoder_type
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     visual = model.model.visual_extractor
-    flat_pixels = pixel_values.flatten(0, 1)
 
     def train_step() -> None:
         loss = model(pixel_values=pixel_values, labels=labels).loss
@@ -79,7 +78,7 @@ def measure_point(batch_size: int, steps: int, threads: int | None, encoder_type
         optimizer.zero_grad(set_to_none=True)
 
     def visual_step() -> None:
-        features = visual(flat_pixels).last_hidden_state
+        features = model.model.visual_features(pixel_values)  # the ResNet as the model runs it (channels-last on CPU)
         features.backward(torch.ones_like(features))
         visual.zero_grad(set_to_none=True)
 

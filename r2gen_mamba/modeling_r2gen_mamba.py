@@ -794,12 +794,23 @@ class R2GenMambaModel(R2GenMambaPreTrainedModel):
             )
         return pixel_values
 
+    def visual_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The ResNet's last stage for every view: `[batch, views, 3, H, W]` -> `[batch * views, C, h, w]`.
+
+        On the CPU the images go in channels-last layout, in which oneDNN runs the ResNet-101 faster (measured on the
+        2-core benchmark machine: forward of 8 images 0.77 -> 0.63 s, forward+backward of 32 images 10.1 -> 8.2 s;
+        outputs equal to fp32 rounding)."""
+        images = self._check_pixel_values(pixel_values).flatten(0, 1)
+        if images.device.type == "cpu":
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.visual_extractor(images).last_hidden_state
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`[batch, views, 3, H, W]` -> encoder hidden states `[batch, views * h * w, d_model]` (98 tokens for 2
         views at 224 px): each view's last ResNet stage flattened to h*w patch tokens, the views concatenated."""
         pixel_values = self._check_pixel_values(pixel_values)
         batch, views = pixel_values.shape[:2]
-        features = self.visual_extractor(pixel_values.flatten(0, 1)).last_hidden_state  # [batch*views, C, h, w]
+        features = self.visual_features(pixel_values)  # [batch*views, C, h, w]
         tokens = features.flatten(2).transpose(1, 2)  # [batch*views, h*w, C]
         tokens = tokens.reshape(batch, views * tokens.shape[1], tokens.shape[2])  # views concatenated
         return self.encoder(self.patch_embed(tokens))

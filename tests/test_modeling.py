@@ -240,6 +240,21 @@ def test_single_view_model_accepts_4d_pixel_values():
     assert model(pixel_values=pixel_values, labels=labels).encoder_last_hidden_state.shape[1] == 4
 
 
+def test_cpu_resnet_runs_channels_last_with_the_same_features():
+    model = tiny_model()
+    pixel_values = tiny_pixel_values(model.config)
+    layouts = []
+    hook = model.model.visual_extractor.register_forward_pre_hook(
+        lambda module, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    with torch.no_grad():
+        features = model.model.visual_features(pixel_values)
+        hook.remove()
+        reference = model.model.visual_extractor(pixel_values.flatten(0, 1).contiguous()).last_hidden_state
+    assert layouts == [True]
+    torch.testing.assert_close(features, reference, rtol=1e-5, atol=1e-5)
+
+
 def test_views_are_concatenated_in_order():
     model = tiny_model()
     pixel_values = tiny_pixel_values(model.config)
