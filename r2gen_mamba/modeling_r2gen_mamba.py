@@ -524,12 +524,14 @@ class R2GenMambaDecoder(nn.Module):
         """CPU float32 inference with oneDNN-packed weights for the block (see `packed_linear`), plus two fusions of
         linears that read the same input: the relational memory's q/k/v, and the first layers of all MCLN MLPs.
         Yields whether packing applies (otherwise the block runs the plain path). Re-entrant."""
-        with packed_linears([self]) as packed:
+        fc1s = [mlp.fc1 for mlp in self.condition_mlps()]  # only ever run through the fused copy: not packed alone
+        rm_query = [self.relational_memory.attn.q_proj] if self.relational_memory is not None else []
+        with packed_linears([self], skip=fc1s + rm_query) as packed:
             attach = packed and self.relational_memory is not None and self.packed_condition_fc1 is None
             if attach:
                 attn = self.relational_memory.attn
                 self.relational_memory.packed_qkv = FusedPackedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
-                self.packed_condition_fc1 = FusedPackedLinear(mlp.fc1 for mlp in self.condition_mlps())
+                self.packed_condition_fc1 = FusedPackedLinear(fc1s)
             try:
                 yield packed
             finally:

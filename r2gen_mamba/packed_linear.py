@@ -98,11 +98,14 @@ def packing_applies(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def packed_linears(modules: Iterable[nn.Module]) -> Iterator[bool]:
-    """Attach packed weights to every `R2GenLinear` under `modules` for the block (yields whether it did).
+def packed_linears(modules: Iterable[nn.Module], skip: Iterable[nn.Module] = ()) -> Iterator[bool]:
+    """Attach packed weights to every `R2GenLinear` under `modules`, except those in `skip` (run through a fused copy
+    instead), for the block; yields whether packing applies.
 
     Re-entrant: inside an outer block the linears keep the outer block's copies, which the outer block drops."""
+    skipped = {id(m) for m in skip}
     linears = [m for module in modules for m in module.modules() if isinstance(m, R2GenLinear)]
+    linears = [m for m in linears if id(m) not in skipped]
     fresh = [m for m in linears if m.packed_weight is None and m.weight.device.type == "cpu"]
     fresh = [m for m in fresh if m.weight.dtype == torch.float32] if _enabled and packed_linear_available() else []
     try:
