@@ -204,9 +204,13 @@ def selective_scan_chunked_tokens(
         return x.reshape(batch, num_chunks, chunk_size, x.shape[-1])
 
     delta_chunks = chunked(delta)  # [batch, num_chunks, chunk_size, d_inner]
-    delta_u_chunks = chunked(delta * u)  # [batch, num_chunks, chunk_size, d_inner]
-    B_chunks = chunked(B)  # [batch, num_chunks, chunk_size, d_state]
-    C_chunks = chunked(C)  # [batch, num_chunks, chunk_size, d_state]
+    # Per-position slices as `unbind` views, not `x[:, :, t]` in the loops: the backward of `unbind` stacks the
+    # gradients once, while every indexing op's backward fills a zero tensor of the full size (at batch 16, 98
+    # tokens: 147 fills of 3.2 MB; the block's forward+backward went from 0.356 to 0.332 s).
+    delta_steps = delta_chunks.unbind(2)  # chunk_size x [batch, num_chunks, d_inner]
+    delta_u_steps = chunked(delta * u).unbind(2)  # chunk_size x [batch, num_chunks, d_inner]
+    B_steps = chunked(B).unbind(2)  # chunk_size x [batch, num_chunks, d_state]
+    C_steps = chunked(C).unbind(2)  # chunk_size x [batch, num_chunks, d_state]
 
     # Autograd keeps every step's decay for the backward pass anyway, so steps 1 and 3 share them then (half the
     # exps and no second copy); without autograd they are recomputed, which keeps inference memory at one step's.
@@ -217,11 +221,11 @@ def selective_scan_chunked_tokens(
         if t < len(decays):
             decay = decays[t]
         else:
-            decay = torch.exp(delta_chunks[:, :, t, :, None] * A)  # [batch, num_chunks, d_inner, d_state]
+            decay = torch.exp(delta_steps[t][..., None] * A)  # [batch, num_chunks, d_inner, d_state]
             if keep_decays:
                 decays.append(decay)
         # decay * state + delta * u * B, with the multiply-add fused (the scan is memory-bound on CPU).
-        return torch.addcmul(delta_u_chunks[:, :, t, :, None] * B_chunks[:, :, t, None, :], decay, state)
+        return torch.addcmul(delta_u_steps[t][..., None] * B_steps[t][..., None, :], decay, state)
 
     # 1. End state of each chunk from a zero start.
     state = u.new_zeros(batch, num_chunks, d_inner, d_state)
@@ -240,7 +244,7 @@ def selective_scan_chunked_tokens(
     outputs = []
     for t in range(chunk_size):
         state = step(state, t)
-        outputs.append(torch.einsum("bcdn,bcn->bcd", state, C_chunks[:, :, t]))
+        outputs.append(torch.einsum("bcdn,bcn->bcd", state, C_steps[t]))
     y = torch.stack(outputs, dim=2).reshape(batch, num_chunks * chunk_size, d_inner)[:, :seq_len]
     return _skip_and_gate(y, u, D, z, dtype)
 
