@@ -811,10 +811,13 @@ class R2GenMambaModel(R2GenMambaPreTrainedModel):
         """`[batch, views, 3, H, W]` -> encoder hidden states `[batch, views * h * w, d_model]` (98 tokens for 2
         views at 224 px): each view's last ResNet stage flattened to h*w patch tokens, the views concatenated."""
         pixel_values = self._check_pixel_values(pixel_values)
-        batch, views = pixel_values.shape[:2]
-        features = self.visual_features(pixel_values)  # [batch*views, C, h, w]
+        return self.encode_visual_features(self.visual_features(pixel_values), pixel_values.shape[0])
+
+    def encode_visual_features(self, features: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """`visual_features` output `[batch * views, C, h, w]` -> encoder hidden states `[batch, views * h * w,
+        d_model]` (patch tokens, views concatenated in order, patch embedding, encoder)."""
         tokens = features.flatten(2).transpose(1, 2)  # [batch*views, h*w, C]
-        tokens = tokens.reshape(batch, views * tokens.shape[1], tokens.shape[2])  # views concatenated
+        tokens = tokens.reshape(batch_size, -1, tokens.shape[2])  # views concatenated
         return self.encoder(self.patch_embed(tokens))
 
     def forward(
