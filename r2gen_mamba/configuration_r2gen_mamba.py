@@ -11,6 +11,7 @@ Generation defaults (beam 3, max length 60 for IU X-Ray) live in the model's `ge
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -91,8 +92,6 @@ class R2GenMambaEncoderConfig(PretrainedConfig):
         use_mamba_kernels: bool = True,
         **kwargs: Any,
     ):
-        if encoder_type not in ENCODER_TYPES:
-            raise ValueError(f"encoder_type must be one of {ENCODER_TYPES}, got {encoder_type!r}")
         if num_hidden_layers is None:
             num_hidden_layers = 1 if encoder_type == "mamba" else 3
         self.encoder_type = encoder_type
@@ -128,6 +127,8 @@ class R2GenMambaEncoderConfig(PretrainedConfig):
         return math.ceil(self.hidden_size / 16) if self.time_step_rank == "auto" else self.time_step_rank
 
     def _validate(self) -> None:
+        if self.encoder_type not in ENCODER_TYPES:
+            raise ValueError(f"encoder_type must be one of {ENCODER_TYPES}, got {self.encoder_type!r}")
         for name in ("hidden_size", "state_size", "conv_kernel", "expand", "num_hidden_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -286,7 +287,10 @@ class R2GenMambaConfig(PretrainedConfig):
     Flat keyword arguments (`vocab_size`, `d_model`, `encoder_type`, `encoder_layers`, `d_state`, `d_conv`,
     `expand`, `decoder_layers`, `num_heads`, `d_ff`, `dropout`, `use_relational_memory`, `rm_num_slots`,
     `rm_num_heads`, `use_mcln`, `max_position_embeddings`) are routed into the sub-configs and readable/settable as
-    attributes. `d_model` sets both the encoder and the decoder width.
+    attributes. `d_model` sets both the encoder and the decoder width. Sub-config objects passed in are copied, never
+    modified. A flat assignment is validated like the constructor: a value the constructor would reject raises the
+    same `ValueError` and leaves the config unchanged (so change interdependent fields in a valid order, e.g.
+    `use_mcln = False` before `use_relational_memory = False`).
     """
 
     model_type = "r2gen_mamba"
@@ -355,10 +359,11 @@ class R2GenMambaConfig(PretrainedConfig):
             merged.update(overrides)
             return cls(**merged)
         if isinstance(value, cls):
+            # A copy: the caller's object is neither modified by the overrides nor shared with this config.
+            value = copy.deepcopy(value)
             for key, item in overrides.items():
                 setattr(value, key, item)
-            if overrides:
-                value._validate()
+            value._validate()
             return value
         raise ValueError(f"{name} must be a {cls.__name__} or dict, got {type(value).__name__}")
 
@@ -379,6 +384,9 @@ class R2GenMambaConfig(PretrainedConfig):
         return self.vision_config.hidden_sizes[-1]
 
     def _validate(self) -> None:
+        # Sub-configs first, in the order the constructor builds them, so a flat setter raises the same error.
+        self.encoder_config._validate()
+        self.decoder_config._validate()
         if not isinstance(self.num_views, int) or self.num_views < 1:
             raise ValueError(f"num_views must be a positive integer, got {self.num_views!r}")
         if not isinstance(self.image_size, int) or self.image_size < 32:
@@ -403,9 +411,18 @@ def _flat_property(name: str) -> property:
         return getattr(getattr(self, sub_name), field)
 
     def setter(self, value):
-        if name == "d_model":
-            self.encoder_config.hidden_size = value
-        setattr(getattr(self, sub_name), field, value)
+        # `d_model` is the width of both the encoder and the decoder (the field is `hidden_size` in each).
+        subs = [self.encoder_config, self.decoder_config] if name == "d_model" else [getattr(self, sub_name)]
+        previous = [getattr(sub, field) for sub in subs]
+        for sub in subs:
+            setattr(sub, field, value)
+        try:
+            self._validate()
+        except Exception:
+            # Roll back: a rejected value leaves the config as it was (and consistent).
+            for sub, old in zip(subs, previous):
+                setattr(sub, field, old)
+            raise
 
     return property(getter, setter, doc=f"Flat view of `{sub_name}.{field}`.")
 

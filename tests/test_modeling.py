@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import subprocess
@@ -121,6 +122,83 @@ def test_config_validation_errors(kwargs, message):
 def test_config_width_mismatch_error():
     with pytest.raises(ValueError, match=r"encoder hidden_size \(64\) must equal decoder hidden_size \(512\)"):
         R2GenMambaConfig(encoder_config=R2GenMambaEncoderConfig(hidden_size=64))
+
+
+# (flat attribute, value, extra constructor kwargs): each setting the constructor rejects.
+_INVALID_FLAT_SETTINGS = [
+    ("d_model", 34, {}),  # not divisible by the 4 decoder heads
+    ("d_model", 33, {}),  # odd
+    ("d_model", 0, {}),
+    ("d_model", 36, dict(encoder_type="transformer")),  # not divisible by the 8 encoder heads
+    ("num_heads", 5, {}),
+    ("num_heads", 0, {}),
+    ("rm_num_heads", 5, {}),
+    ("vocab_size", 1, {}),
+    ("dropout", 1.0, {}),
+    ("use_relational_memory", False, {}),
+    ("encoder_type", "lstm", {}),
+    ("encoder_layers", 0, {}),
+    ("d_state", 0, {}),
+    ("expand", 0, {}),
+]
+
+
+@pytest.mark.parametrize("name, value, base", _INVALID_FLAT_SETTINGS)
+def test_config_flat_setter_validates_like_the_constructor(name, value, base):
+    with pytest.raises(ValueError) as from_constructor:
+        tiny_config(**base, **{name: value})
+    config = tiny_config(**base)
+    before = config.to_dict()
+    with pytest.raises(ValueError) as from_setter:
+        setattr(config, name, value)
+    assert str(from_setter.value) == str(from_constructor.value)
+    # The rejected value is rolled back: the config stays as it was, and consistent.
+    assert config.to_dict() == before
+    R2GenMambaConfig.from_dict(config.to_dict())
+
+
+def test_config_flat_d_model_setter_updates_both_widths(tmp_path):
+    config = tiny_config()
+    encoder_config, decoder_config = config.encoder_config, config.decoder_config
+    config.d_model = 64
+    assert config.encoder_config is encoder_config and config.decoder_config is decoder_config
+    assert (config.d_model, encoder_config.hidden_size, decoder_config.hidden_size) == (64, 64, 64)
+    assert encoder_config.dt_rank == 4
+    config.num_heads = 8
+    config.encoder_type = "transformer"
+    reference = tiny_config(d_model=64, num_heads=8, encoder_type="transformer", encoder_layers=1)
+    assert config.to_dict() == reference.to_dict()
+    config.save_pretrained(tmp_path)
+    expected = {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+    for other in (
+        copy.deepcopy(config),
+        R2GenMambaConfig.from_dict(config.to_dict()),
+        R2GenMambaConfig.from_pretrained(tmp_path),
+        AutoConfig.from_pretrained(tmp_path),
+    ):
+        assert {k: v for k, v in other.to_dict().items() if k != "_name_or_path"} == expected
+    # Flat kwargs of from_pretrained go through the same setters.
+    assert R2GenMambaConfig.from_pretrained(tmp_path, d_model=128).encoder_config.hidden_size == 128
+    with pytest.raises(ValueError, match="divisible"):
+        AutoConfig.from_pretrained(tmp_path, d_model=100)
+
+
+def test_config_does_not_mutate_sub_configs_passed_in():
+    encoder_config, decoder_config = R2GenMambaEncoderConfig(), R2GenMambaDecoderConfig()
+    encoder_before, decoder_before = encoder_config.to_dict(), decoder_config.to_dict()
+    config = R2GenMambaConfig(
+        encoder_config=encoder_config, decoder_config=decoder_config, d_model=256, d_state=8, vocab_size=50
+    )
+    assert (config.d_model, config.d_state, config.vocab_size) == (256, 8, 50)
+    assert encoder_config.to_dict() == encoder_before and decoder_config.to_dict() == decoder_before
+    # Rejected overrides leave them untouched as well.
+    with pytest.raises(ValueError, match="hidden_size must be a positive integer"):
+        R2GenMambaConfig(encoder_config=encoder_config, decoder_config=decoder_config, d_model=0)
+    assert encoder_config.to_dict() == encoder_before and decoder_config.to_dict() == decoder_before
+    # Nor does the config share them: later flat assignments stay inside the config.
+    config = R2GenMambaConfig.from_sub_configs(resnet101_config(), encoder_config, decoder_config)
+    config.d_model = 256
+    assert encoder_config.hidden_size == 512 and decoder_config.hidden_size == 512
 
 
 def test_config_from_sub_configs():
