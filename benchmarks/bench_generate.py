@@ -6,9 +6,11 @@ the visual extractor's (ResNet-101) forward alone on the same images, the same g
 cached generation. `generate()` packs the decoder's weights for oneDNN on every call (`packed_linear`); the table
 also has the cached generation with packing switched off (`plain_linear_s`, plain `F.linear`) and inside one
 `packed_cpu_weights()` block entered before the timed calls (`packed_once_s`: the packing cost paid once, as when
-a loop of `generate()` calls is wrapped in it). Generation is forced to the full length (`min_length` =
-`max_length`), so an untrained model does the same work as a trained one.
-Best of `--repeats` runs after one warm-up run.
+a loop of `generate()` calls is wrapped in it), and, where oneDNN runs bfloat16, the opt-in bfloat16 weight copies
+(`packed_bf16_s`; `packed_bf16_same_rows` counts the rows whose ids equal the float32 ones: on an untrained model the
+scores are nearly flat, so this says little about a trained one). Generation is forced to the full length
+(`min_length` = `max_length`), so an untrained model does the same work as a trained one. Best of `--repeats` runs
+after one warm-up run.
 """
 
 from __future__ import annotations
@@ -78,6 +80,13 @@ def measure_point(
         if not tiny or packed_linear.packed_linear_available():
             with model.packed_cpu_weights():
                 row["packed_once_s"] = best_of(lambda: model.generate(pixel_values=pixel_values, **kwargs))
+            if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+                # Opt-in bfloat16 weight copies (packed once): reports may differ from float32 decoding.
+                with model.packed_cpu_weights(torch.bfloat16):
+                    row["packed_bf16_s"] = best_of(lambda: model.generate(pixel_values=pixel_values, **kwargs))
+                    bf16_ids = model.generate(pixel_values=pixel_values, **kwargs)
+                row["packed_bf16_over_visual"] = row["packed_bf16_s"] / visual_seconds
+                row["packed_bf16_same_rows"] = int((bf16_ids == ids).all(dim=1).sum())
             previous = packed_linear.set_packed_linear_enabled(False)
             try:
                 row["plain_linear_s"] = best_of(lambda: model.generate(pixel_values=pixel_values, **kwargs))
@@ -117,6 +126,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             line += f", use_cache=False {row['no_cache_s']:.2f} s (cache x{row['cache_speedup']:.1f} faster)"
         if "plain_linear_s" in row:
             line += f", packed once {row['packed_once_s']:.2f} s, plain F.linear {row['plain_linear_s']:.2f} s"
+        if "packed_bf16_s" in row:
+            line += f", bf16 weights {row['packed_bf16_s']:.2f} s (x{row['packed_bf16_over_visual']:.1f})"
         print(line + f", peak RSS +{row['peak_rss_mb']:.0f} MB", flush=True)
         rows.append(row)
     return rows

@@ -27,7 +27,7 @@ from transformers.utils import logging
 
 from .configuration_r2gen_mamba import R2GenMambaConfig, R2GenMambaDecoderConfig, R2GenMambaEncoderConfig
 from .mamba_block import R2GenMambaBlock
-from .packed_linear import FusedPackedLinear, R2GenLinear, can_use_packed, packed_linears
+from .packed_linear import FusedPackedLinear, R2GenLinear, packed_linears
 
 logger = logging.get_logger(__name__)
 
@@ -196,7 +196,7 @@ class R2GenRelationalMemory(nn.Module):
         input_gates = self.W(inputs).unsqueeze(2).unbind(1)  # seq x [batch, 1, 2*hidden]
         token_keys = attn.k_proj(inputs).view(batch, seq_len, heads, 1, head_dim).unbind(1)  # seq x [b, heads, 1, d]
         token_values = attn.v_proj(inputs).view(batch, seq_len, heads, 1, head_dim).unbind(1)
-        if self.packed_qkv is not None and can_use_packed(memory, attn.q_proj.weight):
+        if self.packed_qkv is not None and self.packed_qkv.applies(memory):
             project_qkv = self.packed_qkv
         else:
             qkv_weight = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # [3*hidden, hidden]
@@ -520,18 +520,18 @@ class R2GenMambaDecoder(nn.Module):
         ]
 
     @contextlib.contextmanager
-    def packed_weights(self) -> Iterator[bool]:
-        """CPU float32 inference with oneDNN-packed weights for the block (see `packed_linear`), plus two fusions of
-        linears that read the same input: the relational memory's q/k/v, and the first layers of all MCLN MLPs.
-        Yields whether packing applies (otherwise the block runs the plain path). Re-entrant."""
+    def packed_weights(self, dtype: torch.dtype = torch.float32) -> Iterator[bool]:
+        """CPU float32 inference with oneDNN-packed `dtype` weights for the block (see `packed_linear`), plus two
+        fusions of linears that read the same input: the relational memory's q/k/v, and the first layers of all MCLN
+        MLPs. Yields whether packing applies (otherwise the block runs the plain path). Re-entrant."""
         fc1s = [mlp.fc1 for mlp in self.condition_mlps()]  # only ever run through the fused copy: not packed alone
         rm_query = [self.relational_memory.attn.q_proj] if self.relational_memory is not None else []
-        with packed_linears([self], skip=fc1s + rm_query) as packed:
+        with packed_linears([self], skip=fc1s + rm_query, dtype=dtype) as packed:
             attach = packed and self.relational_memory is not None and self.packed_condition_fc1 is None
             if attach:
                 attn = self.relational_memory.attn
-                self.relational_memory.packed_qkv = FusedPackedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
-                self.packed_condition_fc1 = FusedPackedLinear(fc1s)
+                self.relational_memory.packed_qkv = FusedPackedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
+                self.packed_condition_fc1 = FusedPackedLinear(fc1s, dtype)
             try:
                 yield packed
             finally:
@@ -543,7 +543,7 @@ class R2GenMambaDecoder(nn.Module):
         `[batch, seq, slots*hidden]`, with the first MLP layers as one packed matmul; None outside `packed_weights`
         or where the packed path does not apply (then each MCLN computes its own)."""
         fused = self.packed_condition_fc1
-        if fused is None or not can_use_packed(memory, fused.bias):
+        if fused is None or not fused.applies(memory):
             return None
         hidden = fused(memory, relu=True).split(fused.split_sizes, dim=-1)
         offsets = [mlp.fc2(chunk) for mlp, chunk in zip(self.condition_mlps(), hidden)]
@@ -933,12 +933,15 @@ class R2GenMambaForConditionalGeneration(R2GenMambaPreTrainedModel, GenerationMi
         self.model.load_vision_weights(name_or_path, **kwargs)
 
     @contextlib.contextmanager
-    def packed_cpu_weights(self) -> Iterator[bool]:
+    def packed_cpu_weights(self, dtype: torch.dtype = torch.float32) -> Iterator[bool]:
         """Decoder and LM head on oneDNN-packed weights for the block, when the model is float32 on the CPU (yields
         whether packing applies; see `r2gen_mamba.packed_linear`). `generate()` enters it on every call; wrap a loop
         of `generate()` calls in it to pack once for all of them. Do not change the weights inside the block: the
-        packed copies would not follow."""
-        with self.model.decoder.packed_weights() as packed, packed_linears([self.lm_head]):
+        packed copies would not follow.
+
+        `dtype=torch.bfloat16` (opt-in, CPUs with bfloat16 support): bfloat16 weight copies, half the bytes a decode
+        step streams; the linears' inputs are rounded to bfloat16, so reports can differ from float32 decoding."""
+        with self.model.decoder.packed_weights(dtype) as packed, packed_linears([self.lm_head], dtype=dtype):
             yield packed
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:

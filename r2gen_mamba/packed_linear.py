@@ -14,6 +14,10 @@ a cache keyed on versions could go stale silently). Everything else, training in
 
 Set the environment variable `R2GEN_MAMBA_PACKED_LINEAR=0` (or call `set_packed_linear_enabled(False)`) to turn the
 packed path off.
+
+Opt-in reduced precision: `packed_linears(..., dtype=torch.bfloat16)` packs bfloat16 copies instead (half the bytes to
+stream). Each packed linear then rounds its input to bfloat16, multiplies with fp32 accumulation and returns float32;
+everything else stays float32. The reports can differ from float32 decoding, so it is never the default.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
 _enabled = os.environ.get("R2GEN_MAMBA_PACKED_LINEAR", "1").strip().lower() not in ("0", "false", "no", "off")
 _available: bool | None = None
 
@@ -51,17 +56,30 @@ def packed_linear_available() -> bool:
     return _available
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """A oneDNN-packed copy of a `[out, in]` float32 CPU weight (an opaque tensor: no storage, not copyable)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+def check_packed_dtype(dtype: torch.dtype) -> None:
+    """Raise a `ValueError` unless `dtype` can be packed here (float32; bfloat16 where oneDNN runs it)."""
+    if dtype not in PACKED_DTYPES:
+        raise ValueError(f"packed CPU weights can be torch.float32 or torch.bfloat16, got {dtype}")
+    if dtype == torch.bfloat16 and not (packed_linear_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        raise ValueError("bfloat16 packed weights need a CPU on which oneDNN runs bfloat16 (e.g. AVX512-BF16 or AMX)")
+
+
+def pack_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A oneDNN-packed `dtype` copy of a `[out, in]` CPU weight (an opaque tensor: no storage, not copyable)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), None)
 
 
 def packed_linear(
     inputs: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False
 ) -> torch.Tensor:
-    """`inputs @ weight.T + bias` (then ReLU when `relu`) with a weight from `pack_weight`."""
+    """`inputs @ weight.T + bias` (then ReLU when `relu`) with a weight from `pack_weight` and a bias of the packed
+    dtype. A bfloat16 weight takes the inputs rounded to bfloat16 and returns the inputs' dtype."""
     bias = None if bias is None else bias.detach()
-    return torch.ops.mkldnn._linear_pointwise(inputs, packed_weight, bias, "relu" if relu else "none", [], "")
+    if packed_weight.dtype == inputs.dtype:
+        return torch.ops.mkldnn._linear_pointwise(inputs, packed_weight, bias, "relu" if relu else "none", [], "")
+    low = inputs.to(packed_weight.dtype)
+    out = torch.ops.mkldnn._linear_pointwise(low, packed_weight, bias, "relu" if relu else "none", [], "")
+    return out.to(inputs.dtype)
 
 
 def can_use_packed(inputs: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -78,10 +96,12 @@ class R2GenLinear(nn.Linear):
     """`nn.Linear` that uses a packed oneDNN copy of its weight while one is attached (see the module docstring)."""
 
     packed_weight: torch.Tensor | None = None
+    packed_bias: torch.Tensor | None = None  # the bias in the packed dtype
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        if self.packed_weight is not None and can_use_packed(inputs, self.weight):
-            return packed_linear(inputs, self.packed_weight, self.bias)
+        packed = self.packed_weight
+        if packed is not None and can_use_packed(inputs, self.weight):
+            return packed_linear(inputs, packed, self.packed_bias)
         return F.linear(inputs, self.weight, self.bias)
 
 
@@ -98,11 +118,15 @@ def packing_applies(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def packed_linears(modules: Iterable[nn.Module], skip: Iterable[nn.Module] = ()) -> Iterator[bool]:
-    """Attach packed weights to every `R2GenLinear` under `modules`, except those in `skip` (run through a fused copy
-    instead), for the block; yields whether packing applies.
+def packed_linears(
+    modules: Iterable[nn.Module], skip: Iterable[nn.Module] = (), dtype: torch.dtype = torch.float32
+) -> Iterator[bool]:
+    """Attach packed `dtype` weights to every `R2GenLinear` under `modules`, except those in `skip` (run through a
+    fused copy instead), for the block; yields whether packing applies.
 
-    Re-entrant: inside an outer block the linears keep the outer block's copies, which the outer block drops."""
+    Re-entrant: inside an outer block the linears keep the outer block's copies (and dtype), which the outer block
+    drops."""
+    check_packed_dtype(dtype)
     skipped = {id(m) for m in skip}
     linears = [m for module in modules for m in module.modules() if isinstance(m, R2GenLinear)]
     linears = [m for m in linears if id(m) not in skipped]
@@ -110,22 +134,28 @@ def packed_linears(modules: Iterable[nn.Module], skip: Iterable[nn.Module] = ())
     fresh = [m for m in fresh if m.weight.dtype == torch.float32] if _enabled and packed_linear_available() else []
     try:
         for module in fresh:
-            module.packed_weight = pack_weight(module.weight)
+            module.packed_bias = None if module.bias is None else module.bias.detach().to(dtype)
+            module.packed_weight = pack_weight(module.weight, dtype)
         yield any(m.packed_weight is not None for m in linears)
     finally:
         for module in fresh:
-            module.packed_weight = None
+            module.packed_weight = module.packed_bias = None
 
 
 class FusedPackedLinear:
     """Several linears that read the same input, as one packed matmul: `[..., in]` -> `[..., sum(out)]`, output
     blocks in the order given. Built inside a `packed_linears` block, from `R2GenLinear`s with biases."""
 
-    def __init__(self, linears: Iterable[nn.Linear]) -> None:
+    def __init__(self, linears: Iterable[nn.Linear], dtype: torch.dtype = torch.float32) -> None:
         linears = list(linears)
-        self.weight = pack_weight(torch.cat([linear.weight.detach() for linear in linears]))
-        self.bias = torch.cat([linear.bias.detach() for linear in linears])
+        self.weight = pack_weight(torch.cat([linear.weight.detach() for linear in linears]), dtype)
+        self.bias = torch.cat([linear.bias.detach() for linear in linears]).to(dtype)
         self.split_sizes = [linear.out_features for linear in linears]
+        self.source_weight = linears[0].weight  # what `applies` checks the inputs against
+
+    def applies(self, inputs: torch.Tensor) -> bool:
+        """`can_use_packed` for the linears this was built from."""
+        return can_use_packed(inputs, self.source_weight)
 
     def __call__(self, inputs: torch.Tensor, relu: bool = False) -> torch.Tensor:
         return packed_linear(inputs, self.weight, self.bias, relu)

@@ -154,3 +154,41 @@ def test_training_is_untouched():
         loss.backward()
     assert not used
     assert model.model.decoder.layers[0].ffn_norm.mlp_gamma.fc1.weight.grad is not None
+
+
+needs_bf16 = pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN runs no bfloat16 on this CPU"
+)
+
+
+@needs_bf16
+def test_bfloat16_packing_is_close_and_returns_float32():
+    layer, x = linear(), torch.randn(6, 48)
+    with torch.no_grad(), packed_linears([layer], dtype=torch.bfloat16):
+        assert layer.packed_weight.dtype == torch.bfloat16 and layer.packed_bias.dtype == torch.bfloat16
+        used, out = ran_packed_op(lambda: layer(x))
+        expected = F.linear(x, layer.weight, layer.bias)
+    assert used and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
+    assert not torch.equal(out, expected)  # really rounded to bfloat16
+    with pytest.raises(ValueError, match="float32 or torch.bfloat16"), packed_linears([layer], dtype=torch.float16):
+        pass
+
+
+@needs_bf16
+def test_generate_inside_a_bfloat16_block_keeps_the_bfloat16_copies():
+    model = tiny_model()
+    pixel_values = tiny_pixel_values(model.config, batch_size=2)
+    seen = []
+    hook = model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(module.packed_weight.dtype))
+    with model.packed_cpu_weights(torch.bfloat16) as packed:
+        assert packed
+        ids = model.generate(pixel_values=pixel_values, num_beams=3, max_length=8, min_length=8)
+        hook.remove()
+        with torch.no_grad():
+            low = model(pixel_values=pixel_values, decoder_input_ids=ids).logits
+    assert ids.shape == (2, 8) and seen and set(seen) == {torch.bfloat16}  # generate() did not repack in float32
+    with torch.no_grad():
+        full = model(pixel_values=pixel_values, decoder_input_ids=ids).logits
+    torch.testing.assert_close(low, full, rtol=5e-2, atol=5e-2)
+    assert model.lm_head.packed_weight is None and model.model.decoder.packed_condition_fc1 is None
