@@ -77,7 +77,7 @@ def measure_point(
             "rss_before_mb": rss_before / 1024,
             "threads": torch.get_num_threads(),
         }
-        if not tiny or packed_linear.packed_linear_available():
+        if packed_linear.packed_linear_available():
             with model.packed_cpu_weights():
                 row["packed_once_s"] = best_of(lambda: model.generate(pixel_values=pixel_values, **kwargs))
             if torch.ops.mkldnn._is_mkldnn_bf16_supported():

@@ -11,8 +11,10 @@ Generation defaults (beam 3, max length 60 for IU X-Ray) live in the model's `ge
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 from typing import Any
 
 from transformers import PretrainedConfig, ResNetConfig
@@ -350,6 +352,20 @@ class R2GenMambaConfig(PretrainedConfig):
         )
         self._validate()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        # Flat overrides (`from_pretrained(path, d_model=..., num_heads=...)`) go to the constructor together, which
+        # validates them at once; transformers would otherwise set them one by one, each validated alone, so a valid
+        # combination could fail or pass depending on the order of the keyword arguments.
+        flat = {name: kwargs.pop(name) for name in list(kwargs) if name in _FLAT_FIELDS}
+        return super().from_dict({**config_dict, **flat} if flat else config_dict, **kwargs)
+
+    def update(self, config_dict: dict[str, Any]) -> None:
+        """Set attributes from `config_dict`; the flat ones are validated together at the end (and all rolled back
+        if the result is invalid), so their order does not matter."""
+        with _deferred_validation(self):
+            super().update(config_dict)
+
     @staticmethod
     def _build_sub(value, cls, overrides: dict, name: str):
         if value is None:
@@ -404,6 +420,31 @@ class R2GenMambaConfig(PretrainedConfig):
                 raise ValueError(f"{name}={value} is outside the vocabulary (size {self.decoder_config.vocab_size})")
 
 
+# Configs inside `_deferred_validation` (by id): their flat setters assign without validating.
+_DEFERRING: set[int] = set()
+
+
+@contextlib.contextmanager
+def _deferred_validation(config: R2GenMambaConfig) -> Iterator[None]:
+    """Flat assignments in the block are validated once at its end; if invalid, both sub-configs are restored."""
+    if id(config) in _DEFERRING:
+        yield
+        return
+    saved = [(sub, dict(vars(sub))) for sub in (config.encoder_config, config.decoder_config)]
+    _DEFERRING.add(id(config))
+    try:
+        yield
+    finally:
+        _DEFERRING.discard(id(config))
+    try:
+        config._validate()
+    except Exception:
+        for sub, state in saved:
+            vars(sub).clear()
+            vars(sub).update(state)
+        raise
+
+
 def _flat_property(name: str) -> property:
     sub_name, field = _FLAT_FIELDS[name]
 
@@ -416,6 +457,8 @@ def _flat_property(name: str) -> property:
         previous = [getattr(sub, field) for sub in subs]
         for sub in subs:
             setattr(sub, field, value)
+        if id(self) in _DEFERRING:
+            return  # validated at the end of `update`
         try:
             self._validate()
         except Exception:

@@ -528,11 +528,12 @@ class R2GenMambaDecoder(nn.Module):
         rm_query = [self.relational_memory.attn.q_proj] if self.relational_memory is not None else []
         with packed_linears([self], skip=fc1s + rm_query, dtype=dtype) as packed:
             attach = packed and self.relational_memory is not None and self.packed_condition_fc1 is None
-            if attach:
-                attn = self.relational_memory.attn
-                self.relational_memory.packed_qkv = FusedPackedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
-                self.packed_condition_fc1 = FusedPackedLinear(fc1s, dtype)
             try:
+                if attach:
+                    attn = self.relational_memory.attn
+                    qkv = FusedPackedLinear([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
+                    condition_fc1 = FusedPackedLinear(fc1s, dtype)
+                    self.relational_memory.packed_qkv, self.packed_condition_fc1 = qkv, condition_fc1
                 yield packed
             finally:
                 if attach:

@@ -82,39 +82,53 @@ def packed_linear(
     return out.to(inputs.dtype)
 
 
-def can_use_packed(inputs: torch.Tensor, weight: torch.Tensor) -> bool:
-    """CPU float32 without an autograd graph: the case a packed weight is valid for."""
+def can_use_packed(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
+    """CPU float32 without an autograd graph or autocast, oneDNN enabled: the case a packed weight is valid for."""
+    grad = torch.is_grad_enabled() and (
+        inputs.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
     return (
         inputs.device.type == "cpu"
         and inputs.dtype == torch.float32
         and weight.dtype == torch.float32
-        and not (torch.is_grad_enabled() and (inputs.requires_grad or weight.requires_grad))
+        and not grad
+        and not torch.is_autocast_enabled("cpu")
+        and torch.backends.mkldnn.enabled
     )
+
+
+def _dropped() -> None:
+    return None
+
+
+class PackedWeight:
+    """A packed weight and its bias in the packed dtype, read together. Copying or pickling it (e.g. `deepcopy` or
+    `torch.save` of a model inside a `packed_linears` block) gives None: the opaque oneDNN tensor cannot be copied,
+    and the copy is not needed outside the block."""
+
+    __slots__ = ("weight", "bias")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+    def __reduce__(self):
+        return (_dropped, ())
 
 
 class R2GenLinear(nn.Linear):
     """`nn.Linear` that uses a packed oneDNN copy of its weight while one is attached (see the module docstring)."""
 
-    packed_weight: torch.Tensor | None = None
-    packed_bias: torch.Tensor | None = None  # the bias in the packed dtype
+    packed: PackedWeight | None = None
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        packed = self.packed_weight
-        if packed is not None and can_use_packed(inputs, self.weight):
-            return packed_linear(inputs, packed, self.packed_bias)
+        packed = self.packed  # read once: another thread's block may end meanwhile
+        if packed is not None and can_use_packed(inputs, self.weight, self.bias):
+            return packed_linear(inputs, packed.weight, packed.bias)
         return F.linear(inputs, self.weight, self.bias)
-
-
-def packing_applies(module: nn.Module) -> bool:
-    """Packing is on, available, and `module`'s parameters are float32 on the CPU."""
-    param = next(module.parameters(), None)
-    return (
-        _enabled
-        and param is not None
-        and param.device.type == "cpu"
-        and param.dtype == torch.float32
-        and packed_linear_available()
-    )
 
 
 @contextlib.contextmanager
@@ -125,37 +139,42 @@ def packed_linears(
     fused copy instead), for the block; yields whether packing applies.
 
     Re-entrant: inside an outer block the linears keep the outer block's copies (and dtype), which the outer block
-    drops."""
+    drops. Blocks of different dtypes on one model in concurrent threads are not supported (the inner one runs on
+    the outer one's copies)."""
     check_packed_dtype(dtype)
     skipped = {id(m) for m in skip}
     linears = [m for module in modules for m in module.modules() if isinstance(m, R2GenLinear)]
     linears = [m for m in linears if id(m) not in skipped]
-    fresh = [m for m in linears if m.packed_weight is None and m.weight.device.type == "cpu"]
+    fresh = [m for m in linears if m.packed is None and m.weight.device.type == "cpu"]
     fresh = [m for m in fresh if m.weight.dtype == torch.float32] if _enabled and packed_linear_available() else []
     try:
         for module in fresh:
-            module.packed_bias = None if module.bias is None else module.bias.detach().to(dtype)
-            module.packed_weight = pack_weight(module.weight, dtype)
-        yield any(m.packed_weight is not None for m in linears)
+            bias = None if module.bias is None else module.bias.detach().to(dtype)
+            module.packed = PackedWeight(pack_weight(module.weight, dtype), bias)
+        yield any(m.packed is not None for m in linears)
     finally:
         for module in fresh:
-            module.packed_weight = module.packed_bias = None
+            module.packed = None
 
 
 class FusedPackedLinear:
     """Several linears that read the same input, as one packed matmul: `[..., in]` -> `[..., sum(out)]`, output
-    blocks in the order given. Built inside a `packed_linears` block, from `R2GenLinear`s with biases."""
+    blocks in the order given. Built inside a `packed_linears` block, from `R2GenLinear`s with biases. Like
+    `PackedWeight`, a copy or pickle of it is None."""
 
     def __init__(self, linears: Iterable[nn.Linear], dtype: torch.dtype = torch.float32) -> None:
         linears = list(linears)
         self.weight = pack_weight(torch.cat([linear.weight.detach() for linear in linears]), dtype)
         self.bias = torch.cat([linear.bias.detach() for linear in linears]).to(dtype)
         self.split_sizes = [linear.out_features for linear in linears]
-        self.source_weight = linears[0].weight  # what `applies` checks the inputs against
+        self.sources = linears  # what `applies` checks the inputs against
 
     def applies(self, inputs: torch.Tensor) -> bool:
-        """`can_use_packed` for the linears this was built from."""
-        return can_use_packed(inputs, self.source_weight)
+        """`can_use_packed` for every linear this was built from."""
+        return all(can_use_packed(inputs, linear.weight, linear.bias) for linear in self.sources)
 
     def __call__(self, inputs: torch.Tensor, relu: bool = False) -> torch.Tensor:
         return packed_linear(inputs, self.weight, self.bias, relu)
+
+    def __reduce__(self):
+        return (_dropped, ())

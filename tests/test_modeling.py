@@ -183,6 +183,33 @@ def test_config_flat_d_model_setter_updates_both_widths(tmp_path):
         AutoConfig.from_pretrained(tmp_path, d_model=100)
 
 
+def test_config_flat_overrides_do_not_depend_on_their_order(tmp_path):
+    tiny_config().save_pretrained(tmp_path)
+    for overrides in (
+        {"use_relational_memory": False, "use_mcln": False},
+        {"use_mcln": False, "use_relational_memory": False},
+        {"num_heads": 3, "d_model": 48},
+        {"d_model": 48, "num_heads": 3},
+    ):
+        for load in (R2GenMambaConfig.from_pretrained, AutoConfig.from_pretrained):
+            config = load(tmp_path, **overrides)
+            assert {name: getattr(config, name) for name in overrides} == overrides
+        config = tiny_config()
+        config.update(overrides)
+        assert {name: getattr(config, name) for name in overrides} == overrides
+    with pytest.raises(ValueError, match="divisible"):
+        R2GenMambaConfig.from_pretrained(tmp_path, d_model=30)
+
+
+def test_config_update_rejects_and_rolls_back_together():
+    config = tiny_config()
+    encoder = config.encoder_config
+    with pytest.raises(ValueError, match="divisible"):
+        config.update({"vocab_size": 50, "d_model": 30})
+    assert (config.vocab_size, config.d_model, encoder.hidden_size) == (30, 32, 32)
+    assert config.encoder_config is encoder  # restored in place
+
+
 def test_config_does_not_mutate_sub_configs_passed_in():
     encoder_config, decoder_config = R2GenMambaEncoderConfig(), R2GenMambaDecoderConfig()
     encoder_before, decoder_before = encoder_config.to_dict(), decoder_config.to_dict()
@@ -630,6 +657,20 @@ def test_generation_with_and_without_cache_is_identical(num_beams):
     uncached = forced_generation(model, pixel_values, num_beams=num_beams, use_cache=False)
     assert cached.shape == (2, 12)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generation_with_and_without_grouped_cross_attention_is_identical(num_beams, monkeypatch):
+    from r2gen_mamba import modeling_r2gen_mamba
+
+    model = tiny_model()
+    pixel_values = tiny_pixel_values(model.config, batch_size=3)
+    kwargs = dict(num_beams=num_beams, output_scores=True, return_dict_in_generate=True)
+    grouped = forced_generation(model, pixel_values, **kwargs)
+    monkeypatch.setattr(modeling_r2gen_mamba, "repeated_row_group", lambda states: 1)
+    ungrouped = forced_generation(model, pixel_values, **kwargs)
+    assert torch.equal(grouped.sequences, ungrouped.sequences)
+    torch.testing.assert_close(torch.stack(grouped.scores), torch.stack(ungrouped.scores), rtol=1e-5, atol=1e-5)
 
 
 def test_generation_modes_produce_valid_ids():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,11 +36,11 @@ def test_plain_outside_a_block_and_packed_inside():
     used, plain = ran_packed_op(lambda: layer(x))
     assert not used and torch.equal(plain, F.linear(x, layer.weight, layer.bias))
     with torch.no_grad(), packed_linears([layer]) as packed:
-        assert packed and layer.packed_weight is not None
+        assert packed and layer.packed is not None
         used, out = ran_packed_op(lambda: layer(x))
     assert used
     torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
-    assert layer.packed_weight is None  # dropped at the end of the block
+    assert layer.packed is None  # dropped at the end of the block
 
 
 def test_autograd_keeps_the_plain_path_inside_a_block():
@@ -61,17 +63,45 @@ def test_copies_follow_weight_changes_between_blocks_and_are_dropped_on_error():
     torch.testing.assert_close(after - layer.bias, 2.0 * (before - layer.bias), rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="boom"), packed_linears([layer]):
         raise RuntimeError("boom")
-    assert layer.packed_weight is None
+    assert layer.packed is None
+
+
+def test_trainable_bias_or_autocast_keeps_the_plain_path():
+    layer, x = linear(), torch.randn(3, 48)
+    layer.weight.requires_grad_(False)  # frozen weight, trainable bias
+    with packed_linears([layer]):
+        used, out = ran_packed_op(lambda: layer(x))
+        out.sum().backward()
+        assert not used and layer.bias.grad is not None
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            used, _ = ran_packed_op(lambda: layer(x))
+        assert not used
+
+
+def test_copying_or_saving_a_model_inside_a_block_drops_the_packed_copies(tmp_path):
+    model = tiny_model()
+    pixel_values, labels = tiny_pixel_values(model.config), tiny_labels(model.config)
+    with torch.no_grad(), model.packed_cpu_weights():
+        twin = copy.deepcopy(model)
+        torch.save(model, tmp_path / "model.pt")
+    linears = [m for m in twin.modules() if isinstance(m, R2GenLinear)]
+    assert linears and all(m.packed is None for m in linears)
+    assert twin.model.decoder.packed_condition_fc1 is None and twin.model.decoder.relational_memory.packed_qkv is None
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values, labels=labels).logits
+        assert torch.equal(twin(pixel_values=pixel_values, labels=labels).logits, expected)
+        assert torch.equal(loaded(pixel_values=pixel_values, labels=labels).logits, expected)
 
 
 def test_reentrant_blocks_keep_the_outer_copy():
     layer = linear()
     with packed_linears([layer]):
-        outer = layer.packed_weight
+        outer = layer.packed
         with packed_linears([layer]) as packed:
-            assert packed and layer.packed_weight is outer
-        assert layer.packed_weight is outer  # the inner block does not drop what the outer one made
-    assert layer.packed_weight is None
+            assert packed and layer.packed is outer
+        assert layer.packed is outer  # the inner block does not drop what the outer one made
+    assert layer.packed is None
 
 
 def test_switched_off_or_not_float32_runs_plain():
@@ -79,7 +109,7 @@ def test_switched_off_or_not_float32_runs_plain():
     previous = pl.set_packed_linear_enabled(False)
     try:
         with packed_linears([layer]) as packed:
-            assert not packed and layer.packed_weight is None
+            assert not packed and layer.packed is None
     finally:
         pl.set_packed_linear_enabled(previous)
     double = linear().double()
@@ -143,7 +173,7 @@ def test_generate_packs_for_the_call_and_gives_the_same_reports(overrides):
     assert used
     assert torch.equal(packed, plain)
     linears = [m for m in model.modules() if isinstance(m, R2GenLinear)]
-    assert linears and all(m.packed_weight is None for m in linears)  # nothing left attached after the call
+    assert linears and all(m.packed is None for m in linears)  # nothing left attached after the call
 
 
 def test_training_is_untouched():
@@ -165,7 +195,7 @@ needs_bf16 = pytest.mark.skipif(
 def test_bfloat16_packing_is_close_and_returns_float32():
     layer, x = linear(), torch.randn(6, 48)
     with torch.no_grad(), packed_linears([layer], dtype=torch.bfloat16):
-        assert layer.packed_weight.dtype == torch.bfloat16 and layer.packed_bias.dtype == torch.bfloat16
+        assert layer.packed.dtype == torch.bfloat16 and layer.packed.bias.dtype == torch.bfloat16
         used, out = ran_packed_op(lambda: layer(x))
         expected = F.linear(x, layer.weight, layer.bias)
     assert used and out.dtype == torch.float32
@@ -180,7 +210,7 @@ def test_generate_inside_a_bfloat16_block_keeps_the_bfloat16_copies():
     model = tiny_model()
     pixel_values = tiny_pixel_values(model.config, batch_size=2)
     seen = []
-    hook = model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(module.packed_weight.dtype))
+    hook = model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(module.packed.dtype))
     with model.packed_cpu_weights(torch.bfloat16) as packed:
         assert packed
         ids = model.generate(pixel_values=pixel_values, num_beams=3, max_length=8, min_length=8)
@@ -191,4 +221,4 @@ def test_generate_inside_a_bfloat16_block_keeps_the_bfloat16_copies():
     with torch.no_grad():
         full = model(pixel_values=pixel_values, decoder_input_ids=ids).logits
     torch.testing.assert_close(low, full, rtol=5e-2, atol=5e-2)
-    assert model.lm_head.packed_weight is None and model.model.decoder.packed_condition_fc1 is None
+    assert model.lm_head.packed is None and model.model.decoder.packed_condition_fc1 is None
