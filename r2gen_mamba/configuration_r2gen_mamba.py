@@ -426,7 +426,8 @@ _DEFERRING: set[int] = set()
 
 @contextlib.contextmanager
 def _deferred_validation(config: R2GenMambaConfig) -> Iterator[None]:
-    """Flat assignments in the block are validated once at its end; if invalid, both sub-configs are restored."""
+    """Flat assignments in the block are validated once at its end; if invalid, both sub-configs are restored.
+    Inside an outer block it does nothing (the outer block validates)."""
     if id(config) in _DEFERRING:
         yield
         return
@@ -453,19 +454,11 @@ def _flat_property(name: str) -> property:
 
     def setter(self, value):
         # `d_model` is the width of both the encoder and the decoder (the field is `hidden_size` in each).
+        # Validated on its own (a rejected value is rolled back), or with the rest of an `update`.
         subs = [self.encoder_config, self.decoder_config] if name == "d_model" else [getattr(self, sub_name)]
-        previous = [getattr(sub, field) for sub in subs]
-        for sub in subs:
-            setattr(sub, field, value)
-        if id(self) in _DEFERRING:
-            return  # validated at the end of `update`
-        try:
-            self._validate()
-        except Exception:
-            # Roll back: a rejected value leaves the config as it was (and consistent).
-            for sub, old in zip(subs, previous):
-                setattr(sub, field, old)
-            raise
+        with _deferred_validation(self):
+            for sub in subs:
+                setattr(sub, field, value)
 
     return property(getter, setter, doc=f"Flat view of `{sub_name}.{field}`.")
 

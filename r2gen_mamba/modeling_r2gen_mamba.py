@@ -811,7 +811,7 @@ class R2GenMambaModel(R2GenMambaPreTrainedModel):
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`[batch, views, 3, H, W]` -> encoder hidden states `[batch, views * h * w, d_model]` (98 tokens for 2
         views at 224 px): each view's last ResNet stage flattened to h*w patch tokens, the views concatenated."""
-        pixel_values = self._check_pixel_values(pixel_values)
+        # `visual_features` checks the shape; the batch is dim 0 of a 5-D or (one view) 4-D tensor alike.
         return self.encode_visual_features(self.visual_features(pixel_values), pixel_values.shape[0])
 
     def encode_visual_features(self, features: torch.Tensor, batch_size: int) -> torch.Tensor:

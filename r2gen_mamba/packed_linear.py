@@ -72,11 +72,9 @@ def pack_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
 def packed_linear(
     inputs: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False
 ) -> torch.Tensor:
-    """`inputs @ weight.T + bias` (then ReLU when `relu`) with a weight from `pack_weight` and a bias of the packed
-    dtype. A bfloat16 weight takes the inputs rounded to bfloat16 and returns the inputs' dtype."""
-    bias = None if bias is None else bias.detach()
-    if packed_weight.dtype == inputs.dtype:
-        return torch.ops.mkldnn._linear_pointwise(inputs, packed_weight, bias, "relu" if relu else "none", [], "")
+    """`inputs @ weight.T + bias` (then ReLU when `relu`) with a weight from `pack_weight` and a detached bias of the
+    packed dtype (as `packed_linears` and `FusedPackedLinear` keep them). A bfloat16 weight takes the inputs rounded
+    to bfloat16 and returns the inputs' dtype (`.to` is a no-op when the dtypes match)."""
     low = inputs.to(packed_weight.dtype)
     out = torch.ops.mkldnn._linear_pointwise(low, packed_weight, bias, "relu" if relu else "none", [], "")
     return out.to(inputs.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from r2gen_mamba import R2GenMambaConfig, resnet101_config
+from r2gen_mamba import R2GenMambaConfig, R2GenMambaForConditionalGeneration, resnet101_config
 
 
 def tiny_config(**overrides) -> R2GenMambaConfig:
@@ -26,6 +26,12 @@ def tiny_config(**overrides) -> R2GenMambaConfig:
     )
     kwargs.update(overrides)
     return R2GenMambaConfig(**kwargs)
+
+
+def tiny_model(**overrides) -> R2GenMambaForConditionalGeneration:
+    """A seeded tiny model (`tiny_config(**overrides)`) in eval mode."""
+    torch.manual_seed(0)
+    return R2GenMambaForConditionalGeneration(tiny_config(**overrides)).eval()
 
 
 def tiny_pixel_values(config: R2GenMambaConfig, batch_size: int = 2, seed: int = 0) -> torch.Tensor:

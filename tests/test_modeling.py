@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_config, tiny_labels, tiny_pixel_values
+from helpers import tiny_config, tiny_labels, tiny_model, tiny_pixel_values
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, ResNetModel
 
 from r2gen_mamba import (
@@ -31,11 +31,6 @@ from r2gen_mamba.modeling_r2gen_mamba import (
     repeated_row_group,
     sinusoidal_positions,
 )
-
-
-def tiny_model(**overrides) -> R2GenMambaForConditionalGeneration:
-    torch.manual_seed(0)
-    return R2GenMambaForConditionalGeneration(tiny_config(**overrides)).eval()
 
 
 def random_prefix(config, batch_size: int, length: int, seed: int = 1) -> torch.LongTensor:

@@ -7,10 +7,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_config, tiny_labels, tiny_pixel_values
+from helpers import tiny_labels, tiny_model, tiny_pixel_values
 from torch.profiler import profile
 
-from r2gen_mamba import R2GenMambaForConditionalGeneration
 from r2gen_mamba import packed_linear as pl
 from r2gen_mamba.packed_linear import FusedPackedLinear, R2GenLinear, packed_linears
 
@@ -128,11 +127,6 @@ def test_fused_packed_linear_matches_its_parts():
         expected = torch.cat([F.relu(part(x)) for part in parts], dim=-1)
     assert fused.split_sizes == [8, 12, 8]
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-
-
-def tiny_model(**overrides) -> R2GenMambaForConditionalGeneration:
-    torch.manual_seed(0)
-    return R2GenMambaForConditionalGeneration(tiny_config(**overrides)).eval()
 
 
 def test_decoder_logits_and_condition_offsets_match_the_plain_path():
